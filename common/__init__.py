@@ -1,0 +1,1 @@
+"""Shared pieces: configuration, trajectory data and rendering, the embedded tiny models."""

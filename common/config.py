@@ -1,0 +1,341 @@
+"""One typed config tree per run: defaults < YAML file < `--set key=value` overrides.
+
+Every field carries a one-line docstring (the string literal after it) that `hyperdistill config --help`
+style tooling can show; `load_config` validates the whole tree and every run writes the resolved
+config next to its output (`save_resolved`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from common.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    source: str = "sample"
+    """'sample' (bundled data/), a local .jsonl/.json/.parquet file or folder, or 'hf://OWNER/NAME' (a hub dataset)."""
+    split: str = "train"
+    """Split to read when the source is a hub dataset."""
+    resolved_only: bool = True
+    """Keep only trajectories whose task was resolved."""
+    min_tokens: int = 0
+    """Drop rendered trajectories shorter than this many tokens."""
+    max_tokens: int = 8192
+    """Trajectories longer than this are handled as `overlong` says."""
+    overlong: Literal["skip", "truncate"] = "skip"
+    """What to do with a trajectory longer than max_tokens: drop it (counted) or cut it."""
+    exclude_instances: list[str] = field(default_factory=list)
+    """Instance ids (e.g. SWE-bench test instances) never to train on."""
+    prompt: Literal["first_user", "system_and_first_user"] = "first_user"
+    """Which text the hypernetwork reads as the task prompt."""
+    max_prompt_tokens: int = 512
+    """Task prompts are cut to this many tokens."""
+    num_shards: int = 4
+    """Number of cache parts; a trajectory's shard is a stable hash of its id."""
+    heldout_fraction: float = 0.125
+    """Fraction of trajectories (by stable hash) kept out of training for evaluation."""
+
+
+@dataclass
+class TeacherConfig:
+    model: str = "tiny-teacher"
+    """'tiny-teacher' (built locally) or a hub id / local path of a causal LM."""
+    revision: str | None = None
+    """Hub revision (commit or tag) to pin."""
+    backend: Literal["vllm", "hf"] = "vllm"
+    """'vllm' (production) or 'hf' (plain transformers forward, the reference)."""
+    dtype: str = "bfloat16"
+    """Weight/compute dtype of the teacher engine."""
+    quantization: str | None = None
+    """vLLM quantization method, e.g. 'fp8' for Qwen3-Coder-480B-A35B-Instruct-FP8."""
+    tensor_parallel_size: int = 1
+    """GPUs per engine (tensor parallel)."""
+    enable_expert_parallel: bool = False
+    """Shard MoE experts across the engine's GPUs instead of tensor-splitting them."""
+    num_engines: int = 1
+    """Engines run side by side on one node (one per GPU group); shards are handed out dynamically."""
+    max_model_len: int = 8192
+    """Longest sequence the engine accepts; longer trajectories follow data.overlong."""
+    gpu_memory_utilization: float = 0.5
+    """Fraction of device (or, on CPU, NUMA-node) memory vLLM may reserve."""
+    max_num_batched_tokens: int = 8192
+    """Tokens per engine step; prompt log-probs cost ~vocab*4 bytes per token of this."""
+    batch_tokens: int = 16384
+    """Tokens submitted to the engine per call (several samples)."""
+    enforce_eager: bool = True
+    """Skip graph capture / compilation (recommended on CPU)."""
+    trust_remote_code: bool = False
+    """Allow model repos to run their own Python code. Off unless a model needs it."""
+    chunk_rows: int = 256
+    """hf backend: rows per lm_head + logsumexp + top-K chunk."""
+
+
+@dataclass
+class StudentConfig:
+    model: str = "tiny-student"
+    """'tiny-student' (built locally) or a hub id / local path; its tokenizer and chat template render the data."""
+    revision: str | None = None
+    """Hub revision to pin."""
+    dtype: str = "bfloat16"
+    """Dtype of the frozen student's weights."""
+    trust_remote_code: bool = False
+    """Allow model repos to run their own Python code."""
+
+
+@dataclass
+class CacheConfig:
+    path: str = "runs/demo/cache.zarr"
+    """Where the Zarr store lives: a local path or an fsspec URL (s3://, gs://)."""
+    k: int = 128
+    """Top-K log-probs stored per row."""
+    encoding: str = "fp16"
+    """How log-probs are encoded (see cache_schema.encoding)."""
+    positions: Literal["assistant", "all"] = "assistant"
+    """Store rows only where the next token is an assistant token, or everywhere."""
+
+
+@dataclass
+class HyperConfig:
+    targets: list[str] = field(
+        default_factory=lambda: [
+            r"self_attn\.(q_proj|k_proj|v_proj|o_proj)$",
+            r"linear_attn\.(in_proj_qkvz|in_proj_ba|out_proj)$",
+        ]
+    )
+    """Regexes over student module names; each must match at least one nn.Linear."""
+    rank: int = 8
+    """LoRA rank r."""
+    alpha: float = 16.0
+    """LoRA alpha; the update is scaled by alpha / rank."""
+    encoder_dim: int = 256
+    """Width of the prompt encoder and of the task vector z."""
+    encoder_layers: int = 2
+    """Transformer layers in the prompt encoder."""
+    encoder_heads: int = 4
+    """Attention heads in the prompt encoder."""
+    generator_dim: int = 512
+    """Hidden width of the shared generator MLP."""
+
+
+@dataclass
+class PhaseConfig:
+    name: str = "main"
+    """Phase name, shown in logs."""
+    samples: int | None = None
+    """Cap on distinct training samples used in this phase (None = all)."""
+    epochs: float = 1.0
+    """Passes over the phase's samples."""
+    seq_len: int = 8192
+    """Context length: longer samples are cut to this."""
+    lr: float | None = None
+    """Peak learning rate for this phase (None = train.lr)."""
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/demo/student"
+    """Checkpoints, TensorBoard logs and the resolved config go here."""
+    phases: list[PhaseConfig] = field(default_factory=lambda: [PhaseConfig()])
+    """Training phases run in order (e.g. warmup, main, context annealing)."""
+    batch_size: int = 2
+    """Samples per rank per micro-step."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step."""
+    lr: float = 1e-3
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 10
+    """Linear warmup steps before the cosine decay."""
+    min_lr_ratio: float = 0.1
+    """Cosine decays to lr * min_lr_ratio."""
+    grad_clip: float = 1.0
+    """Clip the hypernetwork's gradient norm to this."""
+    loss: Literal["forward_tail", "forward_renorm", "reverse_tail"] = "forward_tail"
+    """KL variant: forward KL with a tail bucket (default), renormalised top-K, or reverse KL with tail."""
+    temperature: float = 1.0
+    """Softmax temperature applied to both distributions."""
+    loss_chunk: int = 1024
+    """Sequence chunk for lm_head + logsumexp + gather."""
+    activation_checkpointing: bool = True
+    """Recompute student blocks in backward."""
+    checkpoint_every: int = 50
+    """Save a DCP checkpoint every N optimizer steps."""
+    eval_every: int = 25
+    """Held-out evaluation every N optimizer steps."""
+    log_every: int = 1
+    """Log metrics every N optimizer steps."""
+    seed: int = 0
+    """Seed for the hypernetwork init, data order and sampling."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps overall (None = run all phases)."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "demo"
+    """Run name, used in logs and metadata."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Which trajectories, filtered and sharded how."""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    """Stage 1: the teacher and its engine."""
+    student: StudentConfig = field(default_factory=StudentConfig)
+    """Stage 2: the frozen student (its tokenizer also renders the data)."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """The logit cache between the stages."""
+    hyper: HyperConfig = field(default_factory=HyperConfig)
+    """The hypernetwork that writes LoRA weights."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Stage 2 optimisation."""
+    manifest: str = "runs/demo/manifest.jsonl"
+    """Output of prepare-data: one line per kept trajectory (id, lengths, shard)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overriding, validating
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Turn a YAML value into the annotated type, recursing into dataclasses and lists."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"config field '{where}': expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, where)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"config field '{where}': {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"config field '{where}': expected a list, got {type(value).__name__}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:  # YAML 1.1 reads '3e-4' (no dot) as a string
+            return float(value)
+        except ValueError:
+            raise UserError(f"config field '{where}': expected a number, got {value!r}") from None
+    if tp in (int, float, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise UserError(f"config field '{where}': expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, raw: dict, where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise UserError(f"config: unknown field(s) {', '.join(prefix + u for u in unknown)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _set_path(raw: dict, dotted: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise UserError(f"--set {dotted}: '{p}' is not a section")
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.lr=3e-4' -> ('train.lr', 0.0003); the value is read as YAML."""
+    if "=" not in text:
+        raise UserError(f"--set {text!r}: expected key=value")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Defaults < YAML file < overrides, validated."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {p}: not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"config file {p}: top level must be a mapping")
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_path(raw, key, value)
+    cfg = _build(RunConfig, raw)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks; raise UserError naming the field."""
+    checks = [
+        (cfg.cache.k >= 1, "cache.k must be >= 1"),
+        (cfg.data.num_shards >= 1, "data.num_shards must be >= 1"),
+        (0.0 <= cfg.data.heldout_fraction < 1.0, "data.heldout_fraction must be in [0, 1)"),
+        (cfg.data.max_tokens > cfg.data.min_tokens, "data.max_tokens must exceed data.min_tokens"),
+        (cfg.teacher.tensor_parallel_size >= 1, "teacher.tensor_parallel_size must be >= 1"),
+        (cfg.teacher.num_engines >= 1, "teacher.num_engines must be >= 1"),
+        (0.0 < cfg.teacher.gpu_memory_utilization <= 1.0, "teacher.gpu_memory_utilization must be in (0, 1]"),
+        (cfg.hyper.rank >= 1, "hyper.rank must be >= 1"),
+        (len(cfg.hyper.targets) >= 1, "hyper.targets must name at least one pattern"),
+        (cfg.train.batch_size >= 1 and cfg.train.grad_accum >= 1, "train.batch_size and grad_accum must be >= 1"),
+        (cfg.train.temperature > 0, "train.temperature must be > 0"),
+        (len(cfg.train.phases) >= 1, "train.phases must list at least one phase"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(f"config: {msg}")
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(cfg: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_resolved(cfg: RunConfig, directory: str | Path) -> Path:
+    """Write the resolved config as YAML next to a run's output."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    out = d / "resolved_config.yaml"
+    out.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return out
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> its one-line docstring, read from the source (for --help and tests)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)  # type: ignore[attr-defined]
+    return docs
