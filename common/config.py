@@ -124,6 +124,8 @@ class HyperConfig:
     """Attention heads in the prompt encoder."""
     generator_dim: int = 512
     """Hidden width of the shared generator MLP."""
+    head_chunk: int = 256
+    """A and B are emitted in chunks of this many columns/rows by heads shared across chunks."""
 
 
 @dataclass
@@ -180,6 +182,8 @@ class TrainConfig:
     """DataLoader worker processes per rank."""
     max_steps: int | None = None
     """Stop after this many optimizer steps overall (None = run all phases)."""
+    shard_size: int | None = None
+    """FSDP shard group size, e.g. GPUs per node; groups replicate across nodes (HSDP). None = all ranks."""
 
 
 @dataclass
@@ -287,6 +291,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
+def config_from_dict(raw: dict) -> RunConfig:
+    """Rebuild a RunConfig from `to_dict` output (e.g. the copy saved in a checkpoint or a cache)."""
+    cfg = _build(RunConfig, raw)
+    validate(cfg)
+    return cfg
+
+
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks; raise UserError naming the field."""
     checks = [
@@ -294,6 +305,10 @@ def validate(cfg: RunConfig) -> None:
         (cfg.data.num_shards >= 1, "data.num_shards must be >= 1"),
         (0.0 <= cfg.data.heldout_fraction < 1.0, "data.heldout_fraction must be in [0, 1)"),
         (cfg.data.max_tokens > cfg.data.min_tokens, "data.max_tokens must exceed data.min_tokens"),
+        (
+            cfg.data.max_tokens <= cfg.teacher.max_model_len,
+            "data.max_tokens exceeds teacher.max_model_len: the engine would refuse those trajectories",
+        ),
         (cfg.teacher.tensor_parallel_size >= 1, "teacher.tensor_parallel_size must be >= 1"),
         (cfg.teacher.num_engines >= 1, "teacher.num_engines must be >= 1"),
         (0.0 < cfg.teacher.gpu_memory_utilization <= 1.0, "teacher.gpu_memory_utilization must be in (0, 1]"),

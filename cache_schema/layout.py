@@ -1,0 +1,426 @@
+"""The cache format, version 1: every array name, shape, dtype and chunking, the position convention,
+and the root and part metadata. Stage 1 writes and stage 2 reads only through these definitions.
+
+Store layout::
+
+    cache.zarr/
+      zarr.json                 root attrs: RootMeta (schema_version, k, encoding, positions, teacher,
+                                tokenizer, chat_template_fingerprint, vocab_size, dataset, num_shards, config)
+      parts/00017/              one group per shard, written by exactly one process (see lease.py)
+        zarr.json               attrs: PartMeta; `complete` becomes true in the very last write
+        writer.lease            the writer's lease while it runs (not a Zarr node)
+        sample_ids      (n,)    str      trajectory ids, in write order
+        token_offsets   (n+1,)  int64    sample i's tokens are input_ids[token_offsets[i]:token_offsets[i+1]]
+        input_ids       (T,)    uint32   rendered trajectory tokens
+        loss_mask       (T,)    bool     true on assistant tokens
+        prompt_offsets  (n+1,)  int64    into prompt_ids
+        prompt_ids      (P,)    uint32   the task prompt tokens the hypernetwork reads
+        row_offsets     (n+1,)  int64    into positions / topk_ids / topk_logprobs
+        positions       (R,)    uint32   token index t (within its sample) of each stored row
+        topk_ids        (R, K)  uint32   the teacher's top-K token ids, rank order (best first)
+        topk_logprobs   (R, K)  encoded  their log-probs (see encoding.py), same order
+        checksums       (n,)    uint64   per-sample checksum (`sample_checksum`)
+
+Position convention: the row stored for position t holds the teacher's distribution over token t+1
+given tokens 0..t (the logits read at position t predict the next token). So t < T-1 always, and
+`stored_positions` says which t get a row: with positions='assistant', every t whose NEXT token is an
+assistant token (loss_mask[t+1]); with positions='all', every t in 0..T-2. The probability mass outside
+the stored top-K, the tail, is 1 - sum(exp(topk_logprobs)) and is derived on read, not stored.
+
+Every chunk ends with a crc32c (Zarr's crc32c codec), so corrupt bytes raise on read instead of
+returning wrong numbers; the per-sample checksums additionally tie a sample's arrays together.
+Chunks are written whole by one process and `write_empty_chunks` is on, so a missing chunk is a fault.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+import numpy as np
+from zarr.codecs import BloscCname, BloscCodec, BloscShuffle, Crc32cCodec
+
+from cache_schema.encoding import get_encoding
+from common.errors import UserError
+
+SCHEMA_VERSION = 1
+PARTS_GROUP = "parts"
+LEASE_FILE = "writer.lease"
+PositionsMode = Literal["assistant", "all"]
+POSITION_MODES: tuple[str, ...] = ("assistant", "all")
+MAX_VOCAB = 2**32  # ids are stored as uint32
+
+SAMPLE_IDS = "sample_ids"
+TOKEN_OFFSETS = "token_offsets"
+INPUT_IDS = "input_ids"
+LOSS_MASK = "loss_mask"
+PROMPT_OFFSETS = "prompt_offsets"
+PROMPT_IDS = "prompt_ids"
+ROW_OFFSETS = "row_offsets"
+POSITIONS = "positions"
+TOPK_IDS = "topk_ids"
+TOPK_LOGPROBS = "topk_logprobs"
+CHECKSUMS = "checksums"
+
+# Which offsets array indexes each appended array's first axis.
+TOKEN_ARRAYS = (INPUT_IDS, LOSS_MASK)
+PROMPT_ARRAYS = (PROMPT_IDS,)
+ROW_ARRAYS = (POSITIONS, TOPK_IDS, TOPK_LOGPROBS)
+SAMPLE_ARRAYS = (SAMPLE_IDS, TOKEN_OFFSETS, PROMPT_OFFSETS, ROW_OFFSETS, CHECKSUMS)
+APPENDED_ARRAYS = TOKEN_ARRAYS + PROMPT_ARRAYS + ROW_ARRAYS  # a slice of each per sample
+OFFSETS_OF = {
+    **dict.fromkeys(TOKEN_ARRAYS, TOKEN_OFFSETS), **dict.fromkeys(PROMPT_ARRAYS, PROMPT_OFFSETS),
+    **dict.fromkeys(ROW_ARRAYS, ROW_OFFSETS),
+}
+ALL_ARRAYS = SAMPLE_ARRAYS + APPENDED_ARRAYS
+TOPK_ARRAYS = (TOPK_IDS, TOPK_LOGPROBS)  # (R, K)
+
+# ~1 MiB of decoded data per chunk reads fastest on these machines (shared/FACTS.md); 32 KiB was 5x slower.
+DEFAULT_CHUNK_BYTES = 1 << 20
+
+# Writer tolerances on the teacher's float32 log-probs (float error in its log-softmax).
+LOGPROB_POSITIVE_TOL = 1e-4
+PROB_SUM_TOL = 1e-3
+
+_FIXED_DTYPES = {
+    TOKEN_OFFSETS: np.dtype(np.int64),
+    PROMPT_OFFSETS: np.dtype(np.int64),
+    ROW_OFFSETS: np.dtype(np.int64),
+    CHECKSUMS: np.dtype(np.uint64),
+    INPUT_IDS: np.dtype(np.uint32),
+    LOSS_MASK: np.dtype(np.bool_),
+    PROMPT_IDS: np.dtype(np.uint32),
+    POSITIONS: np.dtype(np.uint32),
+    TOPK_IDS: np.dtype(np.uint32),
+}
+
+
+def part_path(shard: int) -> str:
+    """Group path of a shard's part, e.g. 'parts/00017'."""
+    return f"{PARTS_GROUP}/{shard:05d}"
+
+
+def array_dtype(name: str, encoding: str) -> np.dtype | type:
+    """Stored dtype of an array (`str` for sample_ids)."""
+    if name == SAMPLE_IDS:
+        return str
+    if name == TOPK_LOGPROBS:
+        return get_encoding(encoding).dtype
+    return _FIXED_DTYPES[name]
+
+
+def row_shape(name: str, k: int) -> tuple[int, ...]:
+    """Shape of one element along the first axis: (K,) for the top-K arrays, () otherwise."""
+    return (k,) if name in TOPK_ARRAYS else ()
+
+
+def chunk_length(name: str, k: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Elements along axis 0 per chunk: about `chunk_bytes` of DECODED data (the top-K arrays count 4 bytes
+    per value, so topk_ids and topk_logprobs share row chunks: 2048 rows at K=128)."""
+    if name == SAMPLE_IDS:
+        per_item = 64  # a typical id's length; the chunk count for ids hardly matters
+    elif name in TOPK_ARRAYS:
+        per_item = 4 * k
+    else:
+        per_item = _FIXED_DTYPES[name].itemsize
+    return max(1, chunk_bytes // per_item)
+
+
+def array_codecs(name: str) -> list:
+    """Zarr compressors (bytes -> bytes codecs) of an array, then crc32c (see above). Measured on Zipf-like
+    rows at K=128, one core: ids (uint32; below 151936 the top 14 bits are zero) with lz4 + bitshuffle take
+    ~170 B/row at ~1.2M rows/s, zstd-1 + byte shuffle ~180 B/row at ~0.4M rows/s; fp16 log-probs with
+    zstd-1 + byte shuffle ~163 B/row at ~0.7M rows/s, lz4 ~178 B/row at ~1.6M rows/s. Higher zstd levels
+    gained <2%."""
+    if name in (INPUT_IDS, PROMPT_IDS, POSITIONS, TOPK_IDS, LOSS_MASK):
+        blosc = BloscCodec(cname=BloscCname.lz4, clevel=5, shuffle=BloscShuffle.bitshuffle)
+    elif name == SAMPLE_IDS:
+        blosc = BloscCodec(cname=BloscCname.zstd, clevel=1, shuffle=BloscShuffle.noshuffle)
+    else:  # log-probs, offsets, checksums
+        blosc = BloscCodec(cname=BloscCname.zstd, clevel=1, shuffle=BloscShuffle.shuffle)
+    return [blosc, Crc32cCodec()]
+
+
+def stored_positions(loss_mask: np.ndarray, mode: str) -> np.ndarray:
+    """Token positions t (uint32, increasing) that get a top-K row: the row at t predicts token t+1.
+
+    'assistant': every t with loss_mask[t+1] true; 'all': 0..T-2.
+    """
+    mask = np.asarray(loss_mask, dtype=bool)
+    if mask.ndim != 1:
+        raise ValueError(f"loss_mask must be 1-D, got shape {mask.shape}")
+    if mode == "assistant":
+        return np.flatnonzero(mask[1:]).astype(np.uint32)
+    if mode == "all":
+        return np.arange(max(len(mask) - 1, 0), dtype=np.uint32)
+    raise UserError(f"positions mode {mode!r}: expected one of {list(POSITION_MODES)}")
+
+
+def sample_checksum(sample_id: str, arrays: dict[str, np.ndarray]) -> int:
+    """64-bit BLAKE2b over a sample's id and its arrays as stored (after decompression, before log-prob
+    decoding: decoding is a pure function of the stored values, so this covers the decoded arrays at half
+    the bytes). Each array is prefixed by its name and shape so that bytes cannot move between arrays."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(sample_id.encode())
+    for name in APPENDED_ARRAYS:
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"|{name}{a.shape}|".encode())
+        h.update(a.view(np.uint8) if a.dtype == np.bool_ else a.astype(a.dtype.newbyteorder("<"), copy=False))
+    return int.from_bytes(h.digest(), "little")
+
+
+def row_violations(topk_ids: np.ndarray, logprobs: np.ndarray, vocab_size: int, *, positive_tol: float = 0.0,
+                   logprob_slack: np.ndarray | float = 0.0) -> list[tuple[str, np.ndarray, str]]:
+    """The format's promises about top-K rows, checked together: (check name, (R,) mask of the rows that
+    break it, what is wrong) for each broken promise. The writer passes the teacher's exact float32 values;
+    verify passes decoded values with the encoding's error bound as `logprob_slack`."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        checks = [
+            ("finite", ~np.isfinite(logprobs).all(axis=1), "log-probs not finite"),
+            ("rank_order", (np.diff(logprobs, axis=1) > 0).any(axis=1),
+             "log-probs not in rank order (non-increasing along K)"),
+            ("logprob_positive", (logprobs > positive_tol).any(axis=1), f"log-probs above {positive_tol:g}"),
+            ("prob_sum", np.exp(logprobs - logprob_slack).sum(axis=1) > 1 + PROB_SUM_TOL,
+             f"probabilities summing above 1 + {PROB_SUM_TOL:g}"),
+            ("id_range", (topk_ids >= vocab_size).any(axis=1), f"top-K ids >= vocab_size {vocab_size}"),
+            ("duplicate_ids", (np.diff(np.sort(topk_ids, axis=1), axis=1) == 0).any(axis=1),
+             "a token id twice in a row"),
+        ]
+    return [(name, bad, what) for name, bad, what in checks if bad.any()]
+
+
+def describe_rows(bad: np.ndarray, positions: np.ndarray, what: str) -> str:
+    """'<what> in N of R rows (first at position t)' for a (R,) mask of bad rows."""
+    first = int(np.flatnonzero(bad)[0])
+    return f"{what} in {int(bad.sum())} of {len(bad)} rows (first at position {int(positions[first])})"
+
+
+def config_hash(config: dict) -> str:
+    """Short stable hash of a resolved run config (key order does not matter)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples as the writer takes them and the reader returns them
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleRows:
+    """One trajectory's teacher rows, as stage 1 hands them to the writer (numpy arrays or CPU tensors)."""
+
+    sample_id: str
+    input_ids: Any
+    """(T,) integer token ids."""
+    loss_mask: Any
+    """(T,) bool, true on assistant tokens."""
+    prompt_ids: Any
+    """(P,) integer task prompt token ids."""
+    positions: Any
+    """(R,) integer, must equal stored_positions(loss_mask, root.positions)."""
+    topk_ids: Any
+    """(R, K) integer, rank order."""
+    topk_logprobs: Any
+    """(R, K) float32 log-probs, non-increasing along K."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheSample:
+    """One trajectory read back from the cache, decoded to the dtypes training uses."""
+
+    sample_id: str
+    input_ids: np.ndarray
+    """(T,) int64"""
+    loss_mask: np.ndarray
+    """(T,) bool"""
+    prompt_ids: np.ndarray
+    """(P,) int64"""
+    positions: np.ndarray
+    """(R,) int64; row r is the teacher's distribution over token positions[r] + 1"""
+    topk_ids: np.ndarray
+    """(R, K) int64, rank order"""
+    topk_logprobs: np.ndarray
+    """(R, K) float32"""
+    tail_mass: np.ndarray
+    """(R,) float32, 1 - sum(exp(topk_logprobs)) clipped to [0, 1]"""
+
+
+def tail_mass(logprobs: np.ndarray) -> np.ndarray:
+    """(R, K) log-probs -> (R,) float32 probability outside the top-K, clipped to [0, 1]."""
+    return np.clip(1.0 - np.exp(logprobs, dtype=np.float32).sum(axis=-1), 0.0, 1.0).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata: frozen keyword-only dataclasses, checked when parsed
+
+
+def _check_type(value: Any, tp: type, key: str, where: str) -> Any:
+    if not isinstance(value, tp) or (isinstance(value, bool) and tp is not bool):
+        raise UserError(f"{where}: attribute '{key}' must be {tp.__name__}, got {value!r}")
+    return value
+
+
+class _Meta:
+    """Base of the metadata dataclasses: `to_dict` and a `from_dict` that checks every field's type from its
+    annotation (nested metadata recursively; a field is optional only when its type admits None)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str):
+        if not isinstance(d, dict):
+            raise UserError(f"{where}: expected a mapping, got {type(d).__name__}")
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for f in fields(cls):  # type: ignore[arg-type]
+            args = typing.get_args(hints[f.name])
+            optional = type(None) in args
+            tp = next(a for a in args if a is not type(None)) if optional else hints[f.name]
+            if typing.get_origin(tp) is Literal:
+                tp = str  # the allowed values are checked in __post_init__
+            value = d.get(f.name)
+            if value is None:
+                if not optional:
+                    raise UserError(f"{where}: missing attribute '{f.name}'")
+            elif isinstance(tp, type) and issubclass(tp, _Meta):
+                value = tp.from_dict(value, f"{where} {f.name}")
+            else:
+                _check_type(value, typing.get_origin(tp) or tp, f.name, where)
+            values[f.name] = value
+        return cls(**values)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherMeta(_Meta):
+    model: str
+    revision: str | None = None
+    dtype: str
+    quantization: str | None = None
+    backend: str
+    engine_version: str
+    """e.g. 'vllm 0.32.0'; may differ between parts written by different runs (see PartMeta)."""
+
+    # Fields that define the teacher's numbers; engine_version is recorded per part instead.
+    IDENTITY = ("model", "revision", "dtype", "quantization", "backend")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizerMeta(_Meta):
+    name: str
+    path: str
+    """Where `cache show` loads it from (a local folder AutoTokenizer reads); may be empty."""
+    fingerprint: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetMeta(_Meta):
+    source: str
+    fingerprint: str
+    filter: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RootMeta(_Meta):
+    """The cache's root attributes."""
+
+    schema_version: int = SCHEMA_VERSION
+    k: int
+    encoding: str
+    positions: PositionsMode
+    teacher: TeacherMeta
+    tokenizer: TokenizerMeta
+    chat_template_fingerprint: str
+    vocab_size: int
+    dataset: DatasetMeta
+    num_shards: int
+    config: dict = field(default_factory=dict)
+    """The resolved run config of the run that created the cache."""
+
+    def __post_init__(self) -> None:
+        where = "cache root metadata"
+        for name, cls in (("teacher", TeacherMeta), ("tokenizer", TokenizerMeta), ("dataset", DatasetMeta)):
+            value = getattr(self, name)
+            if not isinstance(value, cls):  # a plain mapping is accepted and checked like stored metadata
+                object.__setattr__(self, name, cls.from_dict(value, f"{where} {name}"))
+        if self.schema_version != SCHEMA_VERSION:
+            raise UserError(f"{where}: schema_version {self.schema_version}, this code writes {SCHEMA_VERSION}")
+        if self.k < 1:
+            raise UserError(f"{where}: k must be >= 1, got {self.k}")
+        get_encoding(self.encoding)
+        if self.positions not in POSITION_MODES:
+            raise UserError(f"{where}: positions must be one of {list(POSITION_MODES)}, got {self.positions!r}")
+        if not 1 <= self.vocab_size <= MAX_VOCAB:
+            raise UserError(f"{where}: vocab_size must be in [1, 2**32], got {self.vocab_size}")
+        if self.k > self.vocab_size:
+            raise UserError(f"{where}: k={self.k} exceeds vocab_size={self.vocab_size}")
+        if self.num_shards < 1:
+            raise UserError(f"{where}: num_shards must be >= 1, got {self.num_shards}")
+        try:
+            json.dumps(self.config)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{where}: config is not JSON-serialisable ({e})") from None
+
+    def identity(self) -> dict[str, Any]:
+        """Fields a run must agree on to add parts to an existing cache (dotted names)."""
+        ident = {
+            "k": self.k,
+            "encoding": self.encoding,
+            "positions": self.positions,
+            "vocab_size": self.vocab_size,
+            "num_shards": self.num_shards,
+            "tokenizer.fingerprint": self.tokenizer.fingerprint,
+            "chat_template_fingerprint": self.chat_template_fingerprint,
+            "dataset.fingerprint": self.dataset.fingerprint,
+        }
+        ident.update({f"teacher.{f}": getattr(self.teacher, f) for f in TeacherMeta.IDENTITY})
+        return ident
+
+    def mismatches(self, other: RootMeta) -> list[tuple[str, Any, Any]]:
+        """(field, self's value, other's value) for each identity field that differs."""
+        mine, theirs = self.identity(), other.identity()
+        return [(key, mine[key], theirs[key]) for key in mine if mine[key] != theirs[key]]
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> RootMeta:
+        """Parse root attributes; `where` (the cache path) is named in errors. A different schema_version
+        is refused with both versions named."""
+        if not isinstance(d, dict) or "schema_version" not in d:
+            return super().from_dict(d, where)  # names what is missing
+        version = _check_type(d["schema_version"], int, "schema_version", where)
+        if version != SCHEMA_VERSION:
+            relation = "newer" if version > SCHEMA_VERSION else "older"
+            raise UserError(
+                f"{where}: cache schema_version {version} is {relation} than this code's {SCHEMA_VERSION}; "
+                "use a matching hyperdistill version or rebuild the cache"
+            )
+        return super().from_dict(d, where)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PartMeta(_Meta):
+    """A part's attributes. Written twice: at start (complete=False) and when done (complete=True last)."""
+
+    complete: bool
+    shard: int
+    owner: str
+    k: int
+    encoding: str
+    n_samples: int = 0
+    n_tokens: int = 0
+    n_prompt_tokens: int = 0
+    n_rows: int = 0
+    config_hash: str
+    """config_hash() of the resolved config of the run that wrote this part."""
+    engine_version: str
+    timings: dict = field(default_factory=dict)
+    """Seconds (or rates) by name: the writer's own plus those passed to finish()."""
+    extra: dict = field(default_factory=dict)
+    """Other attributes passed to finish()."""
+
+    def __post_init__(self) -> None:
+        for key in ("n_samples", "n_tokens", "n_prompt_tokens", "n_rows"):
+            if getattr(self, key) < 0:
+                raise UserError(f"part metadata: attribute '{key}' must be >= 0, got {getattr(self, key)}")

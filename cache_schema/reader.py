@@ -1,0 +1,295 @@
+"""Reading a cache: `CacheReader(path)` is a map-style dataset of `CacheSample`s over the complete parts.
+
+Random access reads only the chunks that hold the sample (the part's offsets are loaded once) and keeps a
+small LRU of decoded chunks, so neighbouring samples that share a chunk decompress it once. The reader
+pickles as its path plus the list of parts it reads and reopens itself in each process (DataLoader workers,
+fork or spawn), so every worker sees exactly the parent's samples in the parent's order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from typing import Any, Callable
+
+import numpy as np
+import zarr
+
+from cache_schema.encoding import Encoding, get_encoding
+from cache_schema.layout import (
+    ALL_ARRAYS, APPENDED_ARRAYS, CHECKSUMS, INPUT_IDS, LOSS_MASK, OFFSETS_OF, POSITIONS, PROMPT_IDS, PROMPT_OFFSETS,
+    ROW_OFFSETS,
+    SAMPLE_IDS, TOKEN_OFFSETS, TOPK_IDS, TOPK_LOGPROBS, CacheSample, PartMeta, RootMeta, array_dtype, part_path,
+    row_shape, tail_mass,
+)
+from cache_schema.storage import CacheLocation, PartStatus, open_root, part_status
+from common.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_BYTES = 64 << 20
+
+
+class CacheCorrupt(UserError):
+    """Bytes or metadata in the cache cannot be read back (names the part, array, chunk and sample)."""
+
+    def __init__(self, where: str, detail: str):
+        super().__init__(f"{where}: {detail}")
+        self.where = where
+        self.detail = detail
+
+
+class ChunkLRU:
+    """Decoded chunks by (shard, array, chunk index), evicted least recently used beyond max_bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.items: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self.nbytes = 0
+
+    def get(self, key: tuple, load: Callable[[], np.ndarray]) -> np.ndarray:
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key]
+        value = load()
+        self.items[key] = value
+        self.nbytes += value.nbytes
+        while self.nbytes > self.max_bytes and len(self.items) > 1:
+            _, old = self.items.popitem(last=False)
+            self.nbytes -= old.nbytes
+        return value
+
+
+class PartReader:
+    """One complete part: metadata and index (ids, offsets, checksums) loaded and checked on open;
+    `read_stored(j)` returns sample j's arrays in their stored dtypes. CacheCorrupt on any inconsistency."""
+
+    def __init__(self, root: zarr.Group, shard: int, meta: RootMeta, where: str, lru: ChunkLRU):
+        self.shard = shard
+        self.where = f"{where} part {shard:05d}"
+        self.lru = lru
+        try:
+            group = zarr.open_group(root.store, path=part_path(shard), mode="r")
+            attrs = dict(group.attrs)
+            nodes = {name: group.get(name) for name in ALL_ARRAYS}
+        except Exception as e:  # torn or corrupt zarr.json files
+            raise CacheCorrupt(self.where, f"cannot open ({type(e).__name__}: {e})") from None
+        try:
+            self.part_meta = PartMeta.from_dict(attrs, where="part metadata")
+        except UserError as e:
+            raise CacheCorrupt(self.where, str(e)) from None
+        missing = [name for name, node in nodes.items() if not isinstance(node, zarr.Array)]
+        if missing:
+            raise CacheCorrupt(self.where, f"array(s) missing: {', '.join(missing)}")
+        self.arrays: dict[str, zarr.Array] = nodes
+        self._check_arrays(meta)
+        try:
+            self.sample_ids: list[str] = [str(x) for x in self.arrays[SAMPLE_IDS][:].tolist()]
+            self.offsets = {name: np.asarray(self.arrays[name][:], dtype=np.int64)
+                            for name in (TOKEN_OFFSETS, PROMPT_OFFSETS, ROW_OFFSETS)}
+            self.checksums = np.asarray(self.arrays[CHECKSUMS][:], dtype=np.uint64)
+        except Exception as e:
+            raise CacheCorrupt(self.where, f"cannot read its index ({type(e).__name__}: {e})") from None
+        self._check_index()
+
+    def _check_arrays(self, meta: RootMeta) -> None:
+        pm = self.part_meta
+        if pm.k != meta.k or pm.encoding != meta.encoding:
+            raise CacheCorrupt(self.where, f"written with k={pm.k}, encoding={pm.encoding!r} but the cache has "
+                               f"k={meta.k}, encoding={meta.encoding!r}")
+        for name, array in self.arrays.items():
+            want = array_dtype(name, meta.encoding)
+            ok = array.dtype.kind in "TUO" if want is str else array.dtype == want
+            if not ok or array.ndim != 1 + len(row_shape(name, meta.k)) or array.shape[1:] != row_shape(name, meta.k):
+                raise CacheCorrupt(self.where, f"array {name} is {array.dtype}{array.shape}, "
+                                   f"expected {want}(*, {', '.join(map(str, row_shape(name, meta.k)))})")
+
+    def _check_index(self) -> None:
+        n = len(self.sample_ids)
+        pm = self.part_meta
+        if len(self.checksums) != n:
+            raise CacheCorrupt(self.where, f"{len(self.checksums)} checksums for {n} samples")
+        for name, offsets in self.offsets.items():
+            if len(offsets) != n + 1 or offsets[0] != 0 or (np.diff(offsets) < 0).any():
+                raise CacheCorrupt(self.where, f"{name} is not {n + 1} non-decreasing offsets from 0")
+        for name, offsets_name in OFFSETS_OF.items():
+            end, length = int(self.offsets[offsets_name][-1]), self.arrays[name].shape[0]
+            if end != length:
+                raise CacheCorrupt(self.where, f"{offsets_name} ends at {end} but {name} has {length} entries")
+        counts = {
+            "n_samples": n,
+            "n_tokens": int(self.offsets[TOKEN_OFFSETS][-1]),
+            "n_prompt_tokens": int(self.offsets[PROMPT_OFFSETS][-1]),
+            "n_rows": int(self.offsets[ROW_OFFSETS][-1]),
+        }
+        for key, value in counts.items():
+            if getattr(pm, key) != value:
+                raise CacheCorrupt(self.where, f"attribute {key}={getattr(pm, key)} but the arrays hold {value}")
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def _chunk(self, name: str, j: int) -> np.ndarray:
+        array = self.arrays[name]
+        c = array.chunks[0]
+
+        def load() -> np.ndarray:
+            try:
+                return array[j * c : min((j + 1) * c, array.shape[0])]
+            except Exception as e:  # decompression or crc32c failure, unreadable bytes
+                raise CacheCorrupt(self.where, f"cannot read {name} chunk {j} ({type(e).__name__}: {e})") from None
+
+        return self.lru.get((self.shard, name, j), load)
+
+    def read_range(self, name: str, start: int, stop: int) -> np.ndarray:
+        """array[start:stop] assembled from cached whole chunks (a read-only view when it lies in one chunk)."""
+        array = self.arrays[name]
+        if stop <= start:
+            return np.empty((0, *array.shape[1:]), dtype=array.dtype)
+        c = array.chunks[0]
+        chunks = range(start // c, (stop - 1) // c + 1)
+        pieces = [self._chunk(name, j)[max(start - j * c, 0) : stop - j * c] for j in chunks]
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def read_stored(self, j: int) -> dict[str, np.ndarray]:
+        """Sample j's six per-sample arrays, stored dtypes. CacheCorrupt names the sample on read failure."""
+        out = {}
+        for name in APPENDED_ARRAYS:
+            offsets = self.offsets[OFFSETS_OF[name]]
+            try:
+                out[name] = self.read_range(name, int(offsets[j]), int(offsets[j + 1]))
+            except CacheCorrupt as e:
+                raise CacheCorrupt(f"{e.where} sample {self.sample_ids[j]!r}", e.detail) from None
+        return out
+
+
+class CacheReader:
+    """Map-style dataset over a cache's complete parts (incomplete or missing parts are reported in
+    `part_status` and logged, never read). Samples are ordered by shard, then write order."""
+
+    def __init__(self, path: str, *, storage_options: dict | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 shards: list[int] | None = None):
+        """`shards`: read exactly these parts (each must be complete) instead of every complete part."""
+        self._state = {"path": os.fspath(path), "storage_options": dict(storage_options or {}),
+                       "cache_bytes": cache_bytes, "shards": None if shards is None else list(shards)}
+        self._open()
+
+    def _open(self) -> None:
+        st = self._state
+        self._location = CacheLocation(st["path"], st["storage_options"])
+        root, self._meta = open_root(self._location)
+        where = f"cache {self._location.path}"
+        self._part_status: dict[int, PartStatus] = {s: part_status(root, s) for s in range(self._meta.num_shards)}
+        if st["shards"] is None:
+            st["shards"] = [s for s, status in self._part_status.items() if status == "complete"]
+            others = {s: v for s, v in self._part_status.items() if v != "complete"}
+            if others:
+                log.warning("%s: reading %d complete part(s); not reading %d other(s): %s", where, len(st["shards"]),
+                            len(others), ", ".join(f"{s:05d} {v}" for s, v in sorted(others.items())))
+        for s in st["shards"]:
+            if self._part_status.get(s) != "complete":
+                raise UserError(f"{where}: part {s:05d} is {self._part_status.get(s, 'out of range')}, not complete")
+        lru = ChunkLRU(st["cache_bytes"])
+        self._encoding = get_encoding(self._meta.encoding)
+        self._parts = {s: PartReader(root, s, self._meta, where, lru) for s in st["shards"]}
+        self._starts = np.cumsum([0] + [len(p) for p in self._parts.values()])
+        self._ids: list[str] | None = None
+        self._index: dict[str, int] | None = None
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self._state)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._state = state
+        self._pid = None  # opened on first use in this process
+
+    def _ensure_open(self) -> None:
+        if self._pid != os.getpid():
+            self._open()
+
+    @property
+    def path(self) -> str:
+        return self._state["path"]
+
+    @property
+    def meta(self) -> RootMeta:
+        self._ensure_open()
+        return self._meta
+
+    @property
+    def encoding(self) -> Encoding:
+        self._ensure_open()
+        return self._encoding
+
+    @property
+    def part_status(self) -> dict[int, PartStatus]:
+        """Status of every shard's part when this reader opened the cache."""
+        self._ensure_open()
+        return self._part_status
+
+    @property
+    def parts(self) -> list[PartReader]:
+        """Readers of the parts this reader reads, in order."""
+        self._ensure_open()
+        return list(self._parts.values())
+
+    def __len__(self) -> int:
+        self._ensure_open()
+        return int(self._starts[-1])
+
+    @property
+    def sample_ids(self) -> list[str]:
+        self._ensure_open()
+        if self._ids is None:
+            self._ids = [sid for p in self._parts.values() for sid in p.sample_ids]
+        return self._ids
+
+    def index_of(self, sample_id: str) -> int:
+        """Global index of a sample id (KeyError if absent; UserError if two parts hold it)."""
+        self._ensure_open()
+        if self._index is None:
+            index: dict[str, int] = {}
+            for i, sid in enumerate(self.sample_ids):
+                if sid in index:
+                    a, b = self.locate(index[sid])[0], self.locate(i)[0]
+                    raise UserError(f"cache {self.path}: sample id {sid!r} appears in parts {a:05d} and {b:05d}")
+                index[sid] = i
+            self._index = index
+        return self._index[sample_id]
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(shard, index within that part) of global sample index i."""
+        self._ensure_open()
+        n = int(self._starts[-1])
+        if not -n <= i < n:
+            raise IndexError(f"sample index {i} out of range for {n} samples")
+        i %= n
+        p = int(np.searchsorted(self._starts, i, side="right")) - 1
+        return self._state["shards"][p], i - int(self._starts[p])
+
+    def part_of(self, shard: int) -> PartReader:
+        """The reader of one complete part (KeyError if this reader does not read it)."""
+        self._ensure_open()
+        return self._parts[shard]
+
+    def __getitem__(self, i: int) -> CacheSample:
+        shard, j = self.locate(int(i))
+        part = self.part_of(shard)
+        st = part.read_stored(j)
+        logprobs = self.encoding.decode(st[TOPK_LOGPROBS])
+        return CacheSample(
+            sample_id=part.sample_ids[j],
+            input_ids=st[INPUT_IDS].astype(np.int64),
+            loss_mask=st[LOSS_MASK].astype(bool),
+            prompt_ids=st[PROMPT_IDS].astype(np.int64),
+            positions=st[POSITIONS].astype(np.int64),
+            topk_ids=st[TOPK_IDS].astype(np.int64),
+            topk_logprobs=logprobs,
+            tail_mass=tail_mass(logprobs),
+        )
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
