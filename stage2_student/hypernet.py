@@ -1,0 +1,179 @@
+"""The hypernetwork: task prompt -> one LoRA (A, B) per target linear, per sample.
+
+    prompt token embeddings [N, P, E]  (the frozen student's own input embeddings, detached)
+      -> LayerNorm -> Linear(E, D) + sinusoidal positions
+      -> pre-norm TransformerEncoder (encoder_layers x encoder_heads)
+      -> attention pooling with one learned query -> task vector z [N, D]
+    for each target t = (layer l, kind m):
+      h_t = MLP(z + layer_emb[l] + kind_emb[m])                       [N, G]
+      A_t = head_A[shape(t)](h_t)  [N, r, d_in];  B_t = head_B[shape(t)](h_t)  [N, d_out, r]
+
+Output heads: chunked, one pair per distinct (d_in, d_out).
+    A dense head Linear(G, r * (d_in + d_out)) would cost 512 * 8 * 14336 = 59M parameters for the
+    real student's in_proj_qkvz alone (~145M over its five shapes). Instead each head emits its
+    matrix in column chunks of `head_chunk` (<= 256) entries along d: for chunk j,
+        g_j = GELU(LN(h) * (1 + scale_j) + shift_j)          (a per-chunk FiLM; shift_j random at init)
+        chunk_j = Linear(G, r * c)(LN(g_j))                   (one projection shared by all chunks)
+    The projection is shared, so parameters grow with r * c * G per head rather than with d, and the
+    FiLM before the nonlinearity gives each chunk its own function of the task (a plain per-chunk
+    additive embedding after a linear map would give every chunk the same task-dependent part).
+    Real student: 9.9M head parameters instead of ~145M (12.7M for the whole hypernetwork).
+
+Initialisation:
+    - every B projection is zero (weight and bias), so every B is exactly 0 at step 0 and the
+      student with injection equals the base student exactly;
+    - A projections are N(0, 1 / (3 d_in G)) on unit-variance inputs, so A's entries have the
+      variance of PEFT's default kaiming_uniform(a=sqrt(5)) LoRA A, whatever the task.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.config import HyperConfig
+from stage2_student.targets import Target
+
+HEAD_CHUNK = 256
+"""Default chunk length of the generator heads (entries along d_in or d_out per emitted chunk)."""
+
+
+def sinusoidal_positions(length: int, dim: int, device: torch.device) -> torch.Tensor:
+    """[length, dim] fixed sin/cos position codes (no parameters, any length)."""
+    pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    out = torch.zeros(length, dim, device=device)
+    out[:, 0::2] = torch.sin(pos * freq)
+    out[:, 1::2] = torch.cos(pos * freq[: dim // 2])
+    return out
+
+
+class PromptEncoder(nn.Module):
+    """Prompt token embeddings [N, P, E] + mask [N, P] (True = real token) -> task vector z [N, D]."""
+
+    def __init__(self, embed_dim: int, dim: int, layers: int, heads: int):
+        super().__init__()
+        self.in_norm = nn.LayerNorm(embed_dim)
+        self.proj = nn.Linear(embed_dim, dim)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, dim_feedforward=4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(dim), enable_nested_tensor=False)
+        self.query = nn.Parameter(torch.randn(1, 1, dim) / math.sqrt(dim))
+        self.pool = nn.MultiheadAttention(dim, heads, dropout=0.0, batch_first=True)
+        self.out_norm = nn.LayerNorm(dim)
+
+    def forward(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        n, p, _ = embeds.shape
+        x = self.proj(self.in_norm(embeds.float()))
+        x = x + sinusoidal_positions(p, x.shape[-1], x.device)
+        pad = ~mask.bool()
+        x = self.encoder(x, src_key_padding_mask=pad)
+        z, _ = self.pool(self.query.expand(n, -1, -1), x, x, key_padding_mask=pad, need_weights=False)
+        return self.out_norm(z[:, 0])
+
+
+class ChunkedHead(nn.Module):
+    """h [N, T, G] -> [N, T, n_chunks, rank * chunk]: a `length`-long side of a LoRA matrix, in chunks."""
+
+    def __init__(self, gen_dim: int, rank: int, length: int, chunk: int, init_std: float):
+        super().__init__()
+        self.rank, self.length = rank, length
+        self.chunk = min(chunk, length)
+        self.n_chunks = math.ceil(length / self.chunk)
+        self.norm = nn.LayerNorm(gen_dim)
+        # FiLM per chunk; random shifts make the chunks differ from the first step on.
+        self.chunk_scale = nn.Parameter(torch.zeros(self.n_chunks, gen_dim))
+        self.chunk_shift = nn.Parameter(torch.randn(self.n_chunks, gen_dim))
+        self.out_norm = nn.LayerNorm(gen_dim, elementwise_affine=False)
+        self.proj = nn.Linear(gen_dim, rank * self.chunk)
+        nn.init.normal_(self.proj.weight, std=init_std / math.sqrt(gen_dim))
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        u = self.norm(h).unsqueeze(-2)  # [N, T, 1, G]
+        g = F.gelu(u * (1 + self.chunk_scale) + self.chunk_shift)  # [N, T, n_chunks, G]
+        return self.proj(self.out_norm(g))  # [N, T, n_chunks, rank * chunk]
+
+    def as_a(self, h: torch.Tensor) -> torch.Tensor:
+        """-> A [N, T, rank, length]: each chunk is rank rows x `chunk` columns."""
+        out = self(h)
+        n, t = out.shape[:2]
+        out = out.view(n, t, self.n_chunks, self.rank, self.chunk).transpose(2, 3)
+        return out.reshape(n, t, self.rank, self.n_chunks * self.chunk)[..., : self.length]
+
+    def as_b(self, h: torch.Tensor) -> torch.Tensor:
+        """-> B [N, T, length, rank]: each chunk is `chunk` rows x rank columns."""
+        out = self(h)
+        n, t = out.shape[:2]
+        return out.view(n, t, self.n_chunks * self.chunk, self.rank)[:, :, : self.length]
+
+
+class HyperNetwork(nn.Module):
+    """Task prompt -> {target name: (A [N, r, d_in], B [N, d_out, r])}, all fp32.
+
+    `targets` come from `resolve_targets`; `embed_dim` is the student's hidden size (its input
+    embedding width). The LoRA update is y = W x + `lora_scale` * B (A x), lora_scale = alpha / rank.
+    """
+
+    def __init__(self, hyper_cfg: HyperConfig, targets: list[Target], embed_dim: int, head_chunk: int = HEAD_CHUNK):
+        super().__init__()
+        if not targets:
+            raise ValueError("HyperNetwork needs at least one target")
+        self.targets = list(targets)
+        self.rank = hyper_cfg.rank
+        self.lora_scale = hyper_cfg.alpha / hyper_cfg.rank
+        d, g = hyper_cfg.encoder_dim, hyper_cfg.generator_dim
+
+        self.encoder = PromptEncoder(embed_dim, d, hyper_cfg.encoder_layers, hyper_cfg.encoder_heads)
+
+        kinds = sorted({t.kind for t in targets})
+        self.layer_emb = nn.Embedding(max(t.layer for t in targets) + 1, d)
+        self.kind_emb = nn.Embedding(len(kinds), d)
+        self.generator = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, g), nn.GELU(), nn.Linear(g, g))
+
+        # Targets grouped by shape: each group runs its heads once over all its targets.
+        self.groups: dict[str, list[Target]] = {}
+        for t in self.targets:
+            self.groups.setdefault(t.shape_key, []).append(t)
+        self.heads_a = nn.ModuleDict()
+        self.heads_b = nn.ModuleDict()
+        position = {t.name: i for i, t in enumerate(self.targets)}
+        # Index lists stay Python (not buffers) so that a meta-device build + to_empty() loses nothing.
+        self._group_rows = {key: [position[t.name] for t in group] for key, group in self.groups.items()}
+        for key, group in self.groups.items():
+            d_in, d_out = group[0].in_features, group[0].out_features
+            self.heads_a[key] = ChunkedHead(g, self.rank, d_in, head_chunk, init_std=1.0 / math.sqrt(3 * d_in))
+            self.heads_b[key] = ChunkedHead(g, self.rank, d_out, head_chunk, init_std=0.0)
+        self._layer_ids = [t.layer for t in self.targets]
+        self._kind_ids = [kinds.index(t.kind) for t in self.targets]
+
+    def forward(
+        self, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """prompt_embeds [N, P, E] (any float dtype), prompt_mask [N, P] bool (True = real token)."""
+        if prompt_embeds.dim() != 3 or prompt_mask.shape != prompt_embeds.shape[:2]:
+            raise ValueError(
+                f"expected prompt_embeds [N, P, E] and prompt_mask [N, P], got "
+                f"{tuple(prompt_embeds.shape)} and {tuple(prompt_mask.shape)}"
+            )
+        if not bool(prompt_mask.any(dim=1).all()):
+            raise ValueError("every sample needs at least one prompt token (a prompt_mask row is all False)")
+        z = self.encoder(prompt_embeds, prompt_mask)  # [N, D]
+        dev = z.device
+        layer_ids = torch.tensor(self._layer_ids, device=dev)
+        kind_ids = torch.tensor(self._kind_ids, device=dev)
+        cond = z[:, None, :] + self.layer_emb(layer_ids) + self.kind_emb(kind_ids)  # [N, n_targets, D]
+        h = self.generator(cond)  # [N, n_targets, G]
+
+        out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for key, group in self.groups.items():
+            hg = h.index_select(1, torch.tensor(self._group_rows[key], device=dev))  # [N, T_g, G]
+            a = self.heads_a[key].as_a(hg)  # [N, T_g, r, d_in]
+            b = self.heads_b[key].as_b(hg)  # [N, T_g, d_out, r]
+            for i, t in enumerate(group):
+                out[t.name] = (a[:, i], b[:, i])
+        return out
