@@ -67,6 +67,8 @@ class TeacherConfig:
     """Longest sequence the engine accepts; longer trajectories follow data.overlong."""
     gpu_memory_utilization: float = 0.5
     """Fraction of device (or, on CPU, NUMA-node) memory vLLM may reserve."""
+    kv_cache_gib: float | None = None
+    """KV cache size in GiB; overrides gpu_memory_utilization's sizing (handy on CPU). None = automatic."""
     max_num_batched_tokens: int = 8192
     """Tokens per engine step; prompt log-probs cost ~vocab*4 bytes per token of this."""
     batch_tokens: int = 16384
