@@ -136,12 +136,19 @@ def render_trajectory(traj: Trajectory, tokenizer, data_cfg: DataConfig) -> Rend
             )
     if len(input_ids) < data_cfg.min_tokens:
         raise SampleRejected(traj.id, "too_short", f"{len(input_ids)} tokens < data.min_tokens={data_cfg.min_tokens}")
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][: data_cfg.max_prompt_tokens]
+    prompt_ids = tokenize_prompt(tokenizer, prompt, data_cfg.max_prompt_tokens)
     return RenderedSample(
         sample_id=traj.id,
         instance_id=traj.instance_id,
         input_ids=input_ids,
         loss_mask=loss_mask,
-        prompt_ids=np.asarray(prompt_ids, dtype=np.uint32),
+        prompt_ids=prompt_ids,
         truncated=truncated,
     )
+
+
+def tokenize_prompt(tokenizer, text: str, max_tokens: int) -> np.ndarray:
+    """The task prompt as the hypernetwork reads it: plain tokens (no template), cut to max_tokens.
+    Training (via the cache) and `export-lora` both tokenise prompts here, so they cannot drift apart."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+    return np.asarray(ids, dtype=np.uint32)

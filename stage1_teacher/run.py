@@ -1,0 +1,238 @@
+"""Stage 1: the teacher reads every trajectory, teacher-forced; its top-K log-probs go into the cache.
+
+The work is cut into shards (a stable hash of the trajectory id). Each shard is an independent,
+resumable job that fills exactly one cache part:
+    hyperdistill teacher-cache --shard 17 --num-shards 512     # one job, any scheduler (Slurm array)
+    hyperdistill teacher-cache                                  # every shard, num_engines local workers
+A complete part is skipped; an incomplete one (a killed job) is rewritten from scratch; a part leased
+by another live process is left to it (a double launch corrupts nothing).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from cache_schema import CacheStore, PartBusy, RootMeta, SampleRows, stored_positions
+from common.config import RunConfig, config_hash, to_dict
+from common.errors import UserError
+from common.manifest import dataset_fingerprint, load_shard_samples
+from common.models import load_tokenizer, resolve_model
+from common.tokenizer import chat_template_fingerprint, tokenizer_fingerprint
+from stage1_teacher.backend import make_backend
+
+log = logging.getLogger("hyperdistill.stage1")
+
+
+@dataclass
+class JobSummary:
+    shards_done: list[int] = field(default_factory=list)
+    shards_skipped: list[int] = field(default_factory=list)  # already complete
+    shards_busy: list[int] = field(default_factory=list)  # leased by another live process
+    samples: int = 0
+    tokens: int = 0
+    rows: int = 0
+    seconds: float = 0.0
+
+    def merge(self, other: JobSummary) -> None:
+        for name in ("shards_done", "shards_skipped", "shards_busy"):
+            getattr(self, name).extend(getattr(other, name))
+        self.samples += other.samples
+        self.tokens += other.tokens
+        self.rows += other.rows
+
+    def format(self) -> str:
+        rate = self.tokens / self.seconds if self.seconds else 0.0
+        return (
+            f"stage 1: {len(self.shards_done)} shard(s) written, {len(self.shards_skipped)} already complete, "
+            f"{len(self.shards_busy)} busy elsewhere; {self.samples} samples, {self.tokens:,} tokens, "
+            f"{self.rows:,} rows in {self.seconds:.1f}s ({rate:,.0f} tokens/s)"
+        )
+
+
+def root_meta(cfg: RunConfig, tokenizer, engine_version: str) -> RootMeta:
+    """The cache's identity: what was scored, by which teacher, rendered by which tokenizer/template."""
+    return RootMeta(
+        k=cfg.cache.k,
+        encoding=cfg.cache.encoding,
+        positions=cfg.cache.positions,
+        teacher={
+            "model": cfg.teacher.model,
+            "revision": cfg.teacher.revision,
+            "dtype": cfg.teacher.dtype,
+            "quantization": cfg.teacher.quantization,
+            "backend": cfg.teacher.backend,
+            "engine_version": engine_version,
+        },
+        tokenizer={
+            "name": cfg.student.model,
+            "path": resolve_model(cfg.student.model, cfg.student.revision),
+            "fingerprint": tokenizer_fingerprint(tokenizer),
+        },
+        chat_template_fingerprint=chat_template_fingerprint(tokenizer),
+        vocab_size=_vocab_rows(cfg),
+        dataset={
+            "source": cfg.data.source,
+            "fingerprint": dataset_fingerprint(cfg.manifest),
+            "filter": {
+                "resolved_only": cfg.data.resolved_only,
+                "min_tokens": cfg.data.min_tokens,
+                "max_tokens": cfg.data.max_tokens,
+                "overlong": cfg.data.overlong,
+                "exclude_instances": len(cfg.data.exclude_instances),
+            },
+        },
+        num_shards=cfg.data.num_shards,
+        config=to_dict(cfg),
+    )
+
+
+def _vocab_rows(cfg: RunConfig) -> int:
+    from transformers import AutoConfig
+
+    path = resolve_model(cfg.teacher.model, cfg.teacher.revision)
+    return AutoConfig.from_pretrained(path, revision=cfg.teacher.revision, trust_remote_code=cfg.teacher.trust_remote_code).vocab_size
+
+
+def token_batches(samples, batch_tokens: int):
+    """Group samples into engine calls of about batch_tokens tokens (at least one sample each)."""
+    batch, size = [], 0
+    for s in samples:
+        if batch and size + len(s.input_ids) > batch_tokens:
+            yield batch
+            batch, size = [], 0
+        batch.append(s)
+        size += len(s.input_ids)
+    if batch:
+        yield batch
+
+
+def run_shard(cfg: RunConfig, shard: int, store: CacheStore, backend, tokenizer, owner: str) -> JobSummary:
+    """Fill one part. Raises PartBusy if another live process holds its lease."""
+    summary = JobSummary()
+    if store.part_status(shard) == "complete":
+        summary.shards_skipped.append(shard)
+        return summary
+    t_start = time.perf_counter()
+    samples = load_shard_samples(cfg, tokenizer, shard)
+    n_tokens = sum(len(s.input_ids) for s in samples)
+    t_engine = 0.0
+    with store.open_part_writer(shard, owner=owner) as part, tqdm(
+        total=n_tokens, unit="tok", unit_scale=True, desc=f"shard {shard:05d}", dynamic_ncols=True, mininterval=1.0
+    ) as bar:
+        for batch in token_batches(samples, cfg.teacher.batch_tokens):
+            positions = [stored_positions(s.loss_mask, cfg.cache.positions) for s in batch]
+            t0 = time.perf_counter()
+            topk = backend.score([s.input_ids for s in batch], positions)
+            t_engine += time.perf_counter() - t0
+            for s, pos, (ids, logprobs) in zip(batch, positions, topk):
+                part.add(
+                    SampleRows(
+                        sample_id=s.sample_id,
+                        input_ids=s.input_ids,
+                        loss_mask=s.loss_mask,
+                        prompt_ids=s.prompt_ids,
+                        positions=pos,
+                        topk_ids=ids,
+                        topk_logprobs=logprobs,
+                    )
+                )
+                summary.rows += len(pos)
+            summary.samples += len(batch)
+            bar.update(sum(len(s.input_ids) for s in batch))
+            bar.set_postfix(samples=f"{summary.samples}/{len(samples)}", refresh=False)
+        seconds = time.perf_counter() - t_start
+        part.finish(
+            {
+                "config_hash": config_hash(cfg),
+                "engine_version": backend.engine_version,
+                "timings": {"total_s": round(seconds, 3), "engine_s": round(t_engine, 3)},
+            }
+        )
+    summary.tokens = n_tokens
+    summary.shards_done.append(shard)
+    log.info(
+        "part_complete shard=%d samples=%d tokens=%d rows=%d seconds=%.2f engine_seconds=%.2f",
+        shard, summary.samples, n_tokens, summary.rows, seconds, t_engine,
+    )  # fmt: skip
+    return summary
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def run_shards(cfg: RunConfig, shards: list[int], queue=None) -> JobSummary:
+    """One worker: one engine, then shards from the list (or from a shared queue) until none is left."""
+    tokenizer = load_tokenizer(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code)
+    store_root = None
+    summary = JobSummary()
+    pending = [s for s in shards]
+    backend = make_backend(cfg.teacher, resolve_model(cfg.teacher.model, cfg.teacher.revision), cfg.cache.k)
+    try:
+        store_root = CacheStore.create_or_open(cfg.cache.path, root_meta(cfg, tokenizer, backend.engine_version))
+        while True:
+            if queue is not None:
+                shard = queue.get()
+                if shard is None:
+                    break
+            elif pending:
+                shard = pending.pop(0)
+            else:
+                break
+            try:
+                summary.merge(run_shard(cfg, shard, store_root, backend, tokenizer, _owner()))
+            except PartBusy as busy:
+                log.warning("part_busy shard=%d %s", shard, busy)
+                summary.shards_busy.append(shard)
+    finally:
+        backend.close()
+    return summary
+
+
+def _worker(cfg: RunConfig, index: int, queue, results) -> None:
+    # One engine per GPU group: worker i sees GPUs [i*tp, (i+1)*tp).
+    tp = cfg.teacher.tensor_parallel_size
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is None and cfg.teacher.num_engines > 1:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in range(index * tp, (index + 1) * tp))
+    results.put(run_shards(cfg, [], queue))
+
+
+def main(cfg: RunConfig, shards: list[int] | None = None, num_shards: int | None = None) -> JobSummary:
+    """Run the given shards (scheduler mode) or every shard, with cfg.teacher.num_engines local workers."""
+    if num_shards is not None and num_shards != cfg.data.num_shards:
+        raise UserError(f"--num-shards {num_shards} differs from data.num_shards {cfg.data.num_shards} in the config")
+    bad = [s for s in shards or [] if not 0 <= s < cfg.data.num_shards]
+    if bad:
+        raise UserError(f"--shard {bad[0]}: must be in [0, {cfg.data.num_shards})")
+    if not os.path.exists(cfg.manifest):
+        raise UserError(f"manifest {cfg.manifest}: not found; run `hyperdistill prepare-data` first")
+    t0 = time.perf_counter()
+    shards = list(shards) if shards else list(range(cfg.data.num_shards))
+    if cfg.teacher.num_engines == 1 or len(shards) == 1:
+        summary = run_shards(cfg, shards)
+    else:
+        ctx = mp.get_context("spawn")
+        queue, results = ctx.Queue(), ctx.Queue()
+        for s in shards:
+            queue.put(s)
+        for _ in range(cfg.teacher.num_engines):
+            queue.put(None)
+        workers = [ctx.Process(target=_worker, args=(cfg, i, queue, results)) for i in range(cfg.teacher.num_engines)]
+        for w in workers:
+            w.start()
+        summary = JobSummary()
+        for _ in workers:
+            summary.merge(results.get())
+        for w in workers:
+            w.join()
+            if w.exitcode:
+                raise RuntimeError(f"stage 1 worker exited with code {w.exitcode}")
+    summary.seconds = time.perf_counter() - t0
+    return summary

@@ -1,0 +1,129 @@
+"""Stage 2's data: cached samples -> padded batches with flattened teacher rows.
+
+Reads the cache only through `cache_schema.CacheReader`. A batch of N samples becomes
+  input_ids      [N, T]    padded with pad_id (right), attention over real tokens only
+  prompt_ids     [N, P]    the task prompts the hypernetwork reads, with prompt_mask [N, P]
+  row_sample     [R]       which sample each stored teacher row belongs to
+  row_position   [R]       token index t of the row (the row predicts token t+1)
+  topk_ids       [R, K]    teacher's top-K ids (rank order), topk_logprobs [R, K]
+where R counts only rows inside the phase's context length (t + 1 < seq_len).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from common.sharding import is_heldout
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    row_sample: torch.Tensor
+    row_position: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_logprobs: torch.Tensor
+    n_tokens: int
+
+    def to(self, device: torch.device) -> Batch:
+        moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+        return Batch(**moved)
+
+
+def split_indices(sample_ids: list[str], heldout_fraction: float) -> tuple[list[int], list[int]]:
+    """(train, heldout) cache indices by a stable hash of the sample id (same split on every rank)."""
+    train, heldout = [], []
+    for i, sid in enumerate(sample_ids):
+        (heldout if is_heldout(sid, heldout_fraction) else train).append(i)
+    return train, heldout
+
+
+def phase_order(indices: list[int], samples: int | None, epochs: float, seed: int, phase: int) -> list[int]:
+    """The phase's sample order: a fixed subset, then `epochs` seeded shuffles (a fractional last pass)."""
+    rng = np.random.default_rng([seed, phase])
+    chosen = list(indices) if samples is None else [indices[i] for i in rng.permutation(len(indices))[:samples]]
+    order: list[int] = []
+    for epoch in range(math.ceil(epochs)):
+        perm = np.random.default_rng([seed, phase, epoch]).permutation(len(chosen))
+        take = len(chosen) if epoch + 1 <= epochs else round(len(chosen) * (epochs - epoch))
+        order.extend(chosen[j] for j in perm[:take])
+    return order
+
+
+def rank_batches(order: list[int], batch_size: int, rank: int, world_size: int) -> list[list[int]]:
+    """Deal global batches of batch_size*world samples; each rank takes its slice. The tail that cannot
+    fill a global batch is dropped so that every rank runs the same number of steps."""
+    global_bs = batch_size * world_size
+    n = len(order) // global_bs
+    return [order[b * global_bs + rank * batch_size : b * global_bs + (rank + 1) * batch_size] for b in range(n)]
+
+
+class CacheSamples(torch.utils.data.Dataset):
+    """Map-style dataset of cached samples cut to `seq_len`; safe in DataLoader workers."""
+
+    def __init__(self, reader, seq_len: int):
+        self.reader = reader
+        self.seq_len = seq_len
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int):
+        s = self.reader[index]
+        keep = s.positions + 1 < self.seq_len
+        return {
+            "input_ids": s.input_ids[: self.seq_len],
+            "prompt_ids": s.prompt_ids,
+            "positions": s.positions[keep],
+            "topk_ids": s.topk_ids[keep],
+            "topk_logprobs": s.topk_logprobs[keep],
+        }
+
+
+def collate(items: list[dict], pad_id: int) -> Batch:
+    n = len(items)
+    t_max = max(len(x["input_ids"]) for x in items)
+    p_max = max(1, max(len(x["prompt_ids"]) for x in items))
+    input_ids = torch.full((n, t_max), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, t_max), dtype=torch.long)
+    prompt_ids = torch.full((n, p_max), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((n, p_max), dtype=torch.bool)
+    for i, x in enumerate(items):
+        t, p = len(x["input_ids"]), len(x["prompt_ids"])
+        input_ids[i, :t] = torch.as_tensor(x["input_ids"], dtype=torch.long)
+        attention_mask[i, :t] = 1
+        prompt_ids[i, :p] = torch.as_tensor(x["prompt_ids"], dtype=torch.long)
+        prompt_mask[i, :p] = True
+    rows = [len(x["positions"]) for x in items]
+    return Batch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        row_sample=torch.repeat_interleave(torch.arange(n), torch.tensor(rows)),
+        row_position=torch.as_tensor(np.concatenate([x["positions"] for x in items]), dtype=torch.long),
+        topk_ids=torch.as_tensor(np.concatenate([x["topk_ids"] for x in items]), dtype=torch.long),
+        topk_logprobs=torch.as_tensor(np.concatenate([x["topk_logprobs"] for x in items]), dtype=torch.float32),
+        n_tokens=int(attention_mask.sum()),
+    )
+
+
+def make_loader(reader, batches: list[list[int]], seq_len: int, pad_id: int, num_workers: int, pin: bool):
+    """A DataLoader over precomputed per-rank batches (resume = slice `batches`)."""
+    return torch.utils.data.DataLoader(
+        CacheSamples(reader, seq_len),
+        batch_sampler=batches,
+        collate_fn=functools.partial(collate, pad_id=pad_id),
+        num_workers=num_workers,
+        pin_memory=pin,
+        prefetch_factor=4 if num_workers else None,
+        persistent_workers=False,
+    )

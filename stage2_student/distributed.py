@@ -1,0 +1,127 @@
+"""Everything torch.distributed in stage 2: process-group set-up, the device mesh, and parallelisation.
+
+Model and loss code never call torch.distributed; the trainer calls these small functions in order
+(torchtitan's shape): `init_distributed` -> `build_mesh` -> `apply_activation_checkpointing` ->
+`parallelize` -> ... -> `cleanup`. Launch with torchrun (`hyperdistill train-student --nproc N`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str  # "nccl" on GPUs, "gloo" on CPU
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Data-parallel mesh shape: `replicate` groups (nodes, HSDP) x `shard` ranks (FSDP within a node)."""
+
+    replicate: int
+    shard: int
+
+    def __post_init__(self) -> None:
+        if self.replicate < 1 or self.shard < 1:
+            raise ValueError(f"mesh dims must be >= 1, got replicate={self.replicate} shard={self.shard}")
+
+    @property
+    def world_size(self) -> int:
+        return self.replicate * self.shard
+
+    @classmethod
+    def for_world(cls, world_size: int, shard: int | None = None) -> ParallelDims:
+        """FSDP over `shard` ranks (default: all), replicated across the rest; shard must divide world."""
+        shard = shard or world_size
+        if world_size % shard:
+            raise ValueError(f"shard size {shard} does not divide world size {world_size}")
+        return cls(replicate=world_size // shard, shard=shard)
+
+
+def init_distributed() -> DistEnv:
+    """Join the torchrun process group (or run alone when not launched by torchrun)."""
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        local_rank, device, backend = int(os.environ.get("LOCAL_RANK", 0)), torch.device("cpu"), "gloo"
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    if dist.is_initialized():
+        return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+    return DistEnv(0, 1, 0, device, backend)
+
+
+def build_mesh(env: DistEnv, dims: ParallelDims) -> DeviceMesh | None:
+    """A 1-D ("shard",) mesh for FSDP, or 2-D ("replicate", "shard") for HSDP across nodes."""
+    if not dist.is_initialized():
+        return None
+    if dims.world_size != env.world_size:
+        raise ValueError(f"mesh {dims} needs {dims.world_size} ranks, launched with {env.world_size}")
+    if dims.replicate == 1:
+        return init_device_mesh(env.device.type, (dims.shard,), mesh_dim_names=("shard",))
+    return init_device_mesh(env.device.type, (dims.replicate, dims.shard), mesh_dim_names=("replicate", "shard"))
+
+
+def decoder_layers(student: nn.Module) -> nn.ModuleList:
+    """The student's transformer blocks (`model.layers` in HF causal LMs)."""
+    return student.model.layers
+
+
+def apply_activation_checkpointing(student: nn.Module) -> None:
+    """Recompute each decoder block in backward (non-reentrant, so LoRA hooks rerun with their weights)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    layers = decoder_layers(student)
+    for i, block in enumerate(layers):
+        layers[i] = checkpoint_wrapper(block)
+
+
+def parallelize(distill: nn.Module, student: nn.Module, hypernet: nn.Module, mesh: DeviceMesh | None) -> None:
+    """FSDP2: one unit per student block (bf16), one for the hypernetwork (fp32), the root for the rest.
+
+    Units hold one dtype each. The frozen student's embedding table and lm_head stay in the root unit,
+    so they are gathered only inside the root's forward/backward, where the loss and the prompt
+    encoder use them. With a 2-D mesh this is HSDP: sharded within a node, replicated across nodes.
+    """
+    if mesh is None:
+        return
+    for block in decoder_layers(student):
+        fully_shard(block, mesh=mesh)
+    fully_shard(hypernet, mesh=mesh)
+    # The root is used right after its forward by backward: keep it gathered (torchtitan does the same).
+    fully_shard(distill, mesh=mesh, reshard_after_forward=False)
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a small metrics tensor across ranks (no-op when alone)."""
+    if dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

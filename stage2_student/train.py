@@ -1,0 +1,281 @@
+"""Stage 2: train the hypernetwork against the teacher cache; the student stays frozen.
+
+Run under torchrun (`hyperdistill train-student --nproc N` launches it):
+    torchrun --nproc_per_node 8 -m stage2_student.train --config configs/qwen3_coder.yaml
+
+Per step: prompt -> hypernetwork -> per-sample LoRA (A, B) for every target linear -> frozen student
+forward with the LoRA hooks -> hidden states at the cached rows -> chunked lm_head + logsumexp + gather
+-> top-K KL to the teacher -> backward into the hypernetwork only.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cache_schema import CacheReader
+from common.config import RunConfig, config_hash, load_config, save_resolved, to_dict
+from common.errors import UserError
+from common.models import load_causal_lm, load_tokenizer, resolve_model
+from common.tokenizer import chat_template_fingerprint, tokenizer_fingerprint
+from stage2_student import checkpoint, distributed
+from stage2_student.data import make_loader, phase_order, rank_batches, split_indices
+from stage2_student.hypernet import HyperNetwork
+from stage2_student.lora import LoRAInjector
+from stage2_student.losses import DistillOutput, topk_distill_loss
+from stage2_student.metrics import MetricsLogger
+from stage2_student.targets import resolve_targets
+
+
+class DistillModel(nn.Module):
+    """The frozen student, the hypernetwork and the loss in one module, so that FSDP2 gathers the
+    student's embedding table and lm_head (root unit) exactly while they are used."""
+
+    def __init__(self, student: nn.Module, hypernet: HyperNetwork, injector: LoRAInjector, cfg: RunConfig):
+        super().__init__()
+        self.student, self.hypernet, self.injector = student, hypernet, injector
+        self.loss_kind, self.temperature, self.chunk = cfg.train.loss, cfg.train.temperature, cfg.train.loss_chunk
+
+    def forward(self, batch, loss_kind: str | None = None) -> DistillOutput:
+        with torch.no_grad():  # the prompt encoder reads the student's own (frozen) embeddings
+            prompt_embeds = self.student.get_input_embeddings()(batch.prompt_ids).float()
+        lora = self.hypernet(prompt_embeds, batch.prompt_mask)
+        # The weights stay set through backward (checkpointed blocks recompute their forward there);
+        # the trainer clears them after the step.
+        self.injector.set(lora)
+        # Right padding needs no attention mask: causal attention and the causal DeltaNet recurrence
+        # never let a real token see a later pad.
+        hidden = self.student.model(input_ids=batch.input_ids, use_cache=False).last_hidden_state  # [N, T, H]
+        rows = hidden[batch.row_sample, batch.row_position]  # [R, H]
+        return topk_distill_loss(
+            rows,
+            self.student.lm_head.weight,
+            batch.topk_ids,
+            batch.topk_logprobs,
+            kind=loss_kind or self.loss_kind,
+            temperature=self.temperature,
+            chunk=self.chunk,
+        )
+
+
+@dataclass
+class Plan:
+    """Per phase, this rank's batches (lists of cache indices) and the global step at which it starts."""
+
+    batches: list[list[list[int]]]
+    starts: list[int]
+    total_steps: int
+
+
+def plan_phases(cfg: RunConfig, train_idx: list[int], env) -> Plan:
+    batches, starts, step = [], [], 0
+    per_step = cfg.train.grad_accum
+    for p, phase in enumerate(cfg.train.phases):
+        order = phase_order(train_idx, phase.samples, phase.epochs, cfg.train.seed, p)
+        micro = rank_batches(order, cfg.train.batch_size, env.rank, env.world_size)
+        micro = micro[: len(micro) // per_step * per_step]
+        batches.append(micro)
+        starts.append(step)
+        step += len(micro) // per_step
+    if cfg.train.max_steps is not None:
+        step = min(step, cfg.train.max_steps)
+    if step == 0:
+        raise UserError(
+            f"train: no optimizer step fits: {len(train_idx)} training samples for batch_size={cfg.train.batch_size} "
+            f"x {env.world_size} ranks x grad_accum={cfg.train.grad_accum}"
+        )
+    return Plan(batches, starts, step)
+
+
+def lr_at(step: int, cfg: RunConfig, plan: Plan) -> float:
+    """Linear warmup, then cosine to min_lr_ratio over all phases; a phase's `lr` rescales its peak."""
+    t = cfg.train
+    phase = max(i for i, s in enumerate(plan.starts) if s <= step) if plan.starts else 0
+    peak = t.phases[phase].lr if t.phases[phase].lr is not None else t.lr
+    if step < t.warmup_steps:
+        return peak * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, plan.total_steps - t.warmup_steps)
+    return peak * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def check_compatible(reader: CacheReader, tokenizer, student_name: str) -> None:
+    """Refuse a cache rendered with another tokenizer or chat template: never train on mismatched ids."""
+    meta = reader.meta
+    ours = {"tokenizer": tokenizer_fingerprint(tokenizer), "chat template": chat_template_fingerprint(tokenizer)}
+    theirs = {"tokenizer": meta.tokenizer.fingerprint, "chat template": meta.chat_template_fingerprint}
+    for what in ours:
+        if ours[what] != theirs[what]:
+            raise UserError(
+                f"cache {reader.path}: {what} fingerprint {theirs[what][:19]} differs from student {student_name}'s "
+                f"{ours[what][:19]}: re-run stage 1 with this student's tokenizer"
+            )
+
+
+@torch.no_grad()
+def evaluate(model: DistillModel, loader, env) -> dict[str, float]:
+    """Held-out forward KL (tail bucket), top-1 agreement and tail mass, summed over rows on all ranks."""
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64)
+    for batch in loader:
+        out = model(batch.to(env.device), loss_kind="forward_tail")
+        model.injector.clear()
+        sums += torch.tensor(
+            [out.loss.sum().item(), out.top1_agree.sum().item(), out.student_tail.sum().item(), out.loss.numel()],
+            dtype=torch.float64,
+        )
+    sums = distributed.all_reduce_sum(sums.to(env.device)).cpu()
+    model.train()
+    rows = max(sums[3].item(), 1.0)
+    return {"kl": sums[0].item() / rows, "top1": sums[1].item() / rows, "tail": sums[2].item() / rows, "rows": rows}
+
+
+def train(cfg: RunConfig, env) -> dict[str, float]:
+    torch.manual_seed(cfg.train.seed)
+    log = MetricsLogger(cfg.train.output_dir, enabled=env.is_main)
+    if env.is_main:
+        save_resolved(cfg, cfg.train.output_dir)
+
+    # ---- data: the cache, split by a stable hash into train / held-out -----------------------------
+    reader = CacheReader(cfg.cache.path)
+    tokenizer = load_tokenizer(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code)
+    check_compatible(reader, tokenizer, cfg.student.model)
+    train_idx, heldout_idx = split_indices(reader.sample_ids, cfg.data.heldout_fraction)
+    plan = plan_phases(cfg, train_idx, env)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pin = env.device.type == "cuda"
+
+    # ---- models: frozen student (bf16), hypernetwork (fp32), LoRA hooks, FSDP2 ---------------------
+    student = load_causal_lm(cfg.student.model, cfg.student.dtype, cfg.student.revision, cfg.student.trust_remote_code)
+    student.requires_grad_(False)
+    targets = resolve_targets(student, cfg.hyper.targets)
+    hypernet = HyperNetwork(cfg.hyper, targets, embed_dim=student.config.hidden_size, head_chunk=cfg.hyper.head_chunk)
+    injector = LoRAInjector(student, targets, scale=cfg.hyper.alpha / cfg.hyper.rank)
+    model = DistillModel(student, hypernet, injector, cfg)
+    if cfg.train.activation_checkpointing:
+        distributed.apply_activation_checkpointing(student)
+    mesh = distributed.build_mesh(env, distributed.ParallelDims.for_world(env.world_size, cfg.train.shard_size))
+    distributed.parallelize(model, student, hypernet, mesh)
+    model.to(env.device)
+    optimizer = torch.optim.AdamW(hypernet.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    n_params = sum(p.numel() for p in hypernet.parameters())
+    log.info(f"hypernetwork: {n_params:,} trainable parameters (this rank's shard) over {len(targets)} target linears")
+
+    # ---- resume -------------------------------------------------------------------------------------
+    loop = {"step": 0, "phase": 0, "phase_step": 0}
+    last = checkpoint.latest_checkpoint(cfg.train.output_dir)
+    if last is not None:
+        if checkpoint.saved_config(last).get("hash") != config_hash(cfg):
+            raise UserError(f"checkpoint {last}: saved with another config; use a new train.output_dir")
+        loop = checkpoint.load(last, hypernet, optimizer)
+        log.info(f"resumed from {last} at step {loop['step']}")
+
+    heldout_batches = [heldout_idx[i : i + cfg.train.batch_size] for i in range(0, len(heldout_idx), cfg.train.batch_size)]
+    heldout_batches = heldout_batches[env.rank :: env.world_size] or []
+    eval_seq = max(p.seq_len for p in cfg.train.phases)
+    eval_loader = make_loader(reader, heldout_batches, eval_seq, pad_id, 0, pin)
+    first_eval = evaluate(model, eval_loader, env) if heldout_idx else {}
+    if first_eval:
+        log.scalars("eval", first_eval, loop["step"])
+    result = {"kl_before": first_eval.get("kl", float("nan"))}
+
+    # ---- the loop: phases -> optimizer steps -> micro-batches ----------------------------------------
+    step = loop["step"]
+    model.train()
+    for p in range(loop["phase"], len(cfg.train.phases)):
+        phase = cfg.train.phases[p]
+        skip = loop["phase_step"] if p == loop["phase"] else 0
+        micro = plan.batches[p][skip * cfg.train.grad_accum :]
+        loader = iter(make_loader(reader, micro, phase.seq_len, pad_id, cfg.train.num_workers, pin))
+        n_steps = len(micro) // cfg.train.grad_accum
+        log.info(f"phase {phase.name}: {n_steps} steps at seq_len {phase.seq_len} (from step {skip})")
+        for phase_step in range(skip, skip + n_steps):
+            if step >= plan.total_steps:
+                break
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg, plan)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            sums = torch.zeros(4, dtype=torch.float64)
+            tokens = 0
+            for _ in range(cfg.train.grad_accum):
+                batch = next(loader).to(env.device)
+                out = model(batch)
+                rows = max(out.loss.numel(), 1)
+                # Mean over this micro-batch's rows; ranks and micro-steps weigh equally.
+                (out.loss.sum() / rows / cfg.train.grad_accum).backward()
+                injector.clear()
+                sums += torch.tensor(
+                    [out.loss.sum().item(), out.top1_agree.sum().item(), out.student_tail.sum().item(), rows],
+                    dtype=torch.float64,
+                )
+                tokens += batch.n_tokens
+            grad_norm = nn.utils.clip_grad_norm_(hypernet.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            sums = distributed.all_reduce_sum(sums.to(env.device)).cpu()
+            tok = distributed.all_reduce_sum(torch.tensor([float(tokens)], device=env.device)).item()
+            if step % cfg.train.log_every == 0 or step == plan.total_steps:
+                rows_all = max(sums[3].item(), 1.0)
+                log.scalars(
+                    "train",
+                    {
+                        "loss": sums[0].item() / rows_all,
+                        "top1": sums[1].item() / rows_all,
+                        "tail": sums[2].item() / rows_all,
+                        "lr": lr,
+                        "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+                        "tokens_per_s": tok / (time.perf_counter() - t0),
+                    },
+                    step,
+                    total=plan.total_steps,
+                )
+            if heldout_idx and step % cfg.train.eval_every == 0 and step < plan.total_steps:
+                log.scalars("eval", evaluate(model, eval_loader, env), step)
+            if step % cfg.train.checkpoint_every == 0 or step == plan.total_steps:
+                where = checkpoint.step_dir(cfg.train.output_dir, step)
+                done = {"step": step, "phase": p, "phase_step": phase_step + 1}
+                meta = {"hash": config_hash(cfg), "config": to_dict(cfg), "student": resolve_model(cfg.student.model)}
+                checkpoint.save(where, hypernet, optimizer, done, meta, env.is_main, distributed.barrier)
+                if env.is_main:
+                    checkpoint.prune(cfg.train.output_dir)
+        if step >= plan.total_steps:
+            break
+
+    final = evaluate(model, eval_loader, env) if heldout_idx else {}
+    if final:
+        log.scalars("eval", final, step)
+        result["kl_after"] = final["kl"]
+        log.info(f"held-out KL to the teacher: {result['kl_before']:.4f} at step 0 -> {final['kl']:.4f} at step {step}")
+    result["steps"] = step
+    log.close()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Stage 2 trainer (run under torchrun).")
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args(argv)
+    env = distributed.init_distributed()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        train(cfg, env)
+        return 0
+    except UserError as e:
+        if env.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        return UserError.exit_code
+    finally:
+        distributed.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Stage 1 jobs end to end with the reference (HF) backend: a full run, a SIGKILL mid-shard and its
+re-run, a double launch. The real vLLM engine is exercised in test_backends.py and test_stage1_vllm.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from cache_schema import CacheReader, load_manifest_ids, verify_cache
+from common.manifest import load_manifest, prepare_data
+from common.models import load_tokenizer
+from stage1_teacher.run import main as stage1_main
+from tests.pipeline_helpers import REPO, config_overrides, demo_config
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("tiny-student")
+
+
+def _prepared(root, tokenizer, *overrides):
+    cfg = demo_config(root, "teacher.backend=hf", *overrides)
+    prepare_data(cfg, tokenizer)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tokenizer):
+    """One uninterrupted stage-1 run over every shard: the reference for the other tests."""
+    cfg = _prepared(tmp_path_factory.mktemp("full"), tokenizer)
+    summary = stage1_main(cfg)
+    return cfg, summary
+
+
+def test_full_run_fills_every_part_and_verifies(full_run):
+    cfg, summary = full_run
+    manifest = load_manifest(cfg.manifest)
+    assert sorted(summary.shards_done) == list(range(cfg.data.num_shards))
+    assert summary.samples == len(manifest)
+    report = verify_cache(cfg.cache.path, load_manifest_ids(cfg.manifest))
+    assert report.ok, report.problems[:5]
+    reader = CacheReader(cfg.cache.path)
+    assert sorted(reader.sample_ids) == sorted(m["id"] for m in manifest)
+    # assistant positions: a row for t exactly where token t+1 is an assistant token
+    for i in range(len(reader)):
+        s = reader[i]
+        np.testing.assert_array_equal(s.positions, np.flatnonzero(s.loss_mask[1:]))
+    assert sum(len(reader[i].positions) for i in range(len(reader))) == summary.rows
+
+
+def test_rerun_skips_complete_parts(full_run):
+    cfg, _ = full_run
+    again = stage1_main(cfg)
+    assert again.shards_done == [] and sorted(again.shards_skipped) == list(range(cfg.data.num_shards))
+
+
+def test_bad_shard_arguments_are_refused(full_run):
+    from common.errors import UserError
+
+    cfg, _ = full_run
+    with pytest.raises(UserError, match="--shard"):
+        stage1_main(cfg, shards=[cfg.data.num_shards])
+    with pytest.raises(UserError, match="--num-shards"):
+        stage1_main(cfg, shards=[0], num_shards=cfg.data.num_shards + 1)
+
+
+KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from common.config import load_config
+    import stage1_teacher.run as run
+    real = run.make_backend
+
+    def dying_backend(*args, **kwargs):
+        backend = real(*args, **kwargs)
+        calls = {"n": 0}
+        score = backend.score
+        def score_then_die(seqs, pos):
+            calls["n"] += 1
+            if calls["n"] == 2:          # mid-shard: one batch already written to the part
+                os.kill(os.getpid(), signal.SIGKILL)
+            return score(seqs, pos)
+        backend.score = score_then_die
+        return backend
+
+    run.make_backend = dying_backend
+    cfg = load_config(sys.argv[1], sys.argv[3:])
+    run.main(cfg, shards=[int(sys.argv[2])])
+    """
+)
+
+
+def _biggest_shard(cfg) -> int:
+    counts = np.bincount([m["shard"] for m in load_manifest(cfg.manifest)], minlength=cfg.data.num_shards)
+    return int(counts.argmax())
+
+
+def test_sigkill_mid_shard_then_rerun_matches_uninterrupted(full_run, tmp_path, tokenizer):
+    ref_cfg, _ = full_run
+    # Small engine batches so that the shard takes several score() calls.
+    cfg = _prepared(tmp_path, tokenizer, "teacher.batch_tokens=1500")
+    shard = _biggest_shard(cfg)
+    args = [*config_overrides(cfg), "teacher.backend=hf", "teacher.batch_tokens=1500"]
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLER, str(REPO / "configs" / "demo.yaml"), str(shard), *args],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    reader_status = CacheReader(cfg.cache.path).part_status(shard)
+    assert reader_status == "incomplete"
+
+    summary = stage1_main(cfg, shards=[shard])  # the dead writer's lease is stale: taken over
+    assert summary.shards_done == [shard]
+    assert verify_cache(cfg.cache.path, shards=[shard]).ok
+
+    ours, ref = CacheReader(cfg.cache.path), CacheReader(ref_cfg.cache.path)
+    assert len(ours) == sum(1 for m in load_manifest(cfg.manifest) if m["shard"] == shard)
+    for i in range(len(ours)):
+        a, b = ours[i], ref[ref.index_of(ours[i].sample_id)]
+        np.testing.assert_array_equal(a.input_ids, b.input_ids)
+        np.testing.assert_array_equal(a.positions, b.positions)
+        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+        np.testing.assert_array_equal(a.topk_logprobs, b.topk_logprobs)
+
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from cache_schema import PartLease
+    from cache_schema.layout import part_path
+    from cache_schema.storage import CacheLocation
+    lease = PartLease(CacheLocation(sys.argv[1]), part_path(int(sys.argv[2])), owner="another-job")
+    lease.acquire()
+    print("held", flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_double_launch_leaves_a_leased_part_alone(tmp_path, tokenizer):
+    cfg = _prepared(tmp_path, tokenizer)
+    shard = _biggest_shard(cfg)
+    # First create the store and the part's folder with a real run of another shard.
+    other = (shard + 1) % cfg.data.num_shards
+    stage1_main(cfg, shards=[other])
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, cfg.cache.path, str(shard)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        summary = stage1_main(cfg, shards=[shard])
+        assert summary.shards_busy == [shard] and summary.shards_done == []
+        assert CacheReader(cfg.cache.path).part_status(shard) != "complete"
+        assert verify_cache(cfg.cache.path, shards=[other]).ok
+    finally:
+        holder.kill()
+        holder.wait()

@@ -1,0 +1,129 @@
+"""Stage 2 training for real: torchrun with 2 gloo processes and FSDP2 on the tiny student, fed by a
+cache built by stage 1 (HF backend) from the bundled sample. Checks learning, metrics, checkpoints,
+the kill-and-resume equivalence and the refusal of a mismatched cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cache_schema import CacheReader
+from common.errors import UserError
+from common.manifest import prepare_data
+from common.models import load_tokenizer
+from stage1_teacher.run import main as stage1_main
+from stage2_student import checkpoint
+from stage2_student.train import check_compatible
+from tests.pipeline_helpers import REPO, config_overrides, demo_config
+
+pytestmark = pytest.mark.distributed
+
+# Small and quick: short context, a few steps, checkpoints every 2 steps.
+TRAIN = [
+    "train.phases=[{name: main, epochs: 2, seq_len: 768}]",
+    "train.batch_size=1",
+    "train.checkpoint_every=2",
+    "train.eval_every=100",
+    "train.warmup_steps=2",
+    "train.lr=0.003",
+    "train.loss_chunk=256",
+    "hyper.encoder_dim=64",
+    "hyper.generator_dim=128",
+    "hyper.encoder_layers=1",
+]
+
+
+@pytest.fixture(scope="module")
+def cache_cfg(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage2")
+    cfg = demo_config(root, "teacher.backend=hf", *TRAIN)
+    prepare_data(cfg, load_tokenizer(cfg.student.model))
+    stage1_main(cfg)
+    return cfg
+
+
+def _torchrun(cfg, output_dir: Path, extra: list[str] = (), wait: bool = True):
+    sets = [*config_overrides(cfg), f"train.output_dir={output_dir}", "teacher.backend=hf", *TRAIN, *extra]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "stage2_student.train", "--config", str(REPO / "configs" / "demo.yaml")]  # fmt: skip
+    for s in sets:
+        cmd += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    # Reads a DCP checkpoint without building the model it came from (single process, no group).
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    last = checkpoint.latest_checkpoint(output_dir)
+    assert last is not None
+    return _load_state_dict_from_keys(keys={"hypernet"}, checkpoint_id=str(last))["hypernet"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cache_cfg, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run-a")
+    proc = _torchrun(cache_cfg, out)
+    return out, proc
+
+
+def test_training_lowers_heldout_kl_and_logs(uninterrupted):
+    out, proc = uninterrupted
+    evals = [m for m in _metrics(out) if m["split"] == "eval"]
+    train = [m for m in _metrics(out) if m["split"] == "train"]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == train[-1]["step"]
+    assert evals[-1]["kl"] < evals[0]["kl"], evals
+    for key in ("loss", "top1", "tail", "lr", "tokens_per_s", "grad_norm"):
+        assert key in train[-1]
+    assert "held-out KL to the teacher" in proc.stderr
+    assert any((out / "tensorboard").iterdir())
+    assert (out / "resolved_config.yaml").exists()
+
+
+def test_kill_and_resume_matches_uninterrupted(cache_cfg, uninterrupted, tmp_path):
+    ref_out, _ = uninterrupted
+    out = tmp_path / "run-b"
+    proc = _torchrun(cache_cfg, out, wait=False)
+    deadline = time.time() + 300
+    while checkpoint.latest_checkpoint(out) is None:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run
+    proc.wait()
+    killed_at = checkpoint.latest_checkpoint(out)
+    final_ref = checkpoint.latest_checkpoint(ref_out)
+    assert killed_at.name < final_ref.name, "the run finished before it could be killed"
+
+    resumed = _torchrun(cache_cfg, out)
+    assert "resumed from" in resumed.stderr
+    a, b = _final_weights(ref_out), _final_weights(out)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_mismatched_cache_is_refused(cache_cfg):
+    reader = CacheReader(cache_cfg.cache.path)
+    tok = load_tokenizer(cache_cfg.student.model)
+    check_compatible(reader, tok, "tiny-student")  # the matching one passes
+    tok.chat_template = tok.chat_template.replace("<tool_call>", "<call>")
+    with pytest.raises(UserError, match="chat template fingerprint"):
+        check_compatible(reader, tok, "tiny-student")
