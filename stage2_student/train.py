@@ -116,14 +116,26 @@ def check_compatible(reader: CacheReader, tokenizer, student_name: str) -> None:
             )
 
 
+def eval_batches(heldout_idx: list[int], batch_size: int, env) -> tuple[list[list[int]], list[bool]]:
+    """This rank's held-out batches and whether each counts. Every rank runs the same number of forwards
+    (FSDP's collectives must match): ranks with fewer batches repeat one and do not count it."""
+    batches = [heldout_idx[i : i + batch_size] for i in range(0, len(heldout_idx), batch_size)]
+    mine = batches[env.rank :: env.world_size]
+    per_rank = math.ceil(len(batches) / env.world_size)
+    pad = per_rank - len(mine)
+    return mine + batches[:1] * pad, [True] * len(mine) + [False] * pad
+
+
 @torch.no_grad()
-def evaluate(model: DistillModel, loader, env) -> dict[str, float]:
+def evaluate(model: DistillModel, loader, counted: list[bool], env) -> dict[str, float]:
     """Held-out forward KL (tail bucket), top-1 agreement and tail mass, summed over rows on all ranks."""
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64)
-    for batch in loader:
+    for batch, count in zip(loader, counted):
         out = model(batch.to(env.device), loss_kind="forward_tail")
         model.injector.clear()
+        if not count:
+            continue
         sums += torch.tensor(
             [out.loss.sum().item(), out.top1_agree.sum().item(), out.student_tail.sum().item(), out.loss.numel()],
             dtype=torch.float64,
@@ -174,11 +186,10 @@ def train(cfg: RunConfig, env) -> dict[str, float]:
         loop = checkpoint.load(last, hypernet, optimizer)
         log.info(f"resumed from {last} at step {loop['step']}")
 
-    heldout_batches = [heldout_idx[i : i + cfg.train.batch_size] for i in range(0, len(heldout_idx), cfg.train.batch_size)]
-    heldout_batches = heldout_batches[env.rank :: env.world_size] or []
+    heldout_batches, counted = eval_batches(heldout_idx, cfg.train.batch_size, env)
     eval_seq = max(p.seq_len for p in cfg.train.phases)
     eval_loader = make_loader(reader, heldout_batches, eval_seq, pad_id, 0, pin)
-    first_eval = evaluate(model, eval_loader, env) if heldout_idx else {}
+    first_eval = evaluate(model, eval_loader, counted, env) if heldout_idx else {}
     if first_eval:
         log.scalars("eval", first_eval, loop["step"])
     result = {"kl_before": first_eval.get("kl", float("nan"))}
@@ -236,7 +247,7 @@ def train(cfg: RunConfig, env) -> dict[str, float]:
                     total=plan.total_steps,
                 )
             if heldout_idx and step % cfg.train.eval_every == 0 and step < plan.total_steps:
-                log.scalars("eval", evaluate(model, eval_loader, env), step)
+                log.scalars("eval", evaluate(model, eval_loader, counted, env), step)
             if step % cfg.train.checkpoint_every == 0 or step == plan.total_steps:
                 where = checkpoint.step_dir(cfg.train.output_dir, step)
                 done = {"step": step, "phase": p, "phase_step": phase_step + 1}
@@ -247,7 +258,7 @@ def train(cfg: RunConfig, env) -> dict[str, float]:
         if step >= plan.total_steps:
             break
 
-    final = evaluate(model, eval_loader, env) if heldout_idx else {}
+    final = evaluate(model, eval_loader, counted, env) if heldout_idx else {}
     if final:
         log.scalars("eval", final, step)
         result["kl_after"] = final["kl"]

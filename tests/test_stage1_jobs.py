@@ -110,7 +110,7 @@ def test_sigkill_mid_shard_then_rerun_matches_uninterrupted(full_run, tmp_path, 
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == -9, proc.stderr[-2000:]
-    reader_status = CacheReader(cfg.cache.path).part_status(shard)
+    reader_status = CacheReader(cfg.cache.path).part_status[shard]
     assert reader_status == "incomplete"
 
     summary = stage1_main(cfg, shards=[shard])  # the dead writer's lease is stale: taken over
@@ -154,7 +154,7 @@ def test_double_launch_leaves_a_leased_part_alone(tmp_path, tokenizer):
         assert holder.stdout.readline().strip() == "held"
         summary = stage1_main(cfg, shards=[shard])
         assert summary.shards_busy == [shard] and summary.shards_done == []
-        assert CacheReader(cfg.cache.path).part_status(shard) != "complete"
+        assert CacheReader(cfg.cache.path).part_status[shard] != "complete"
         assert verify_cache(cfg.cache.path, shards=[other]).ok
     finally:
         holder.kill()
