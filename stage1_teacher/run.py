@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import queue as queue_mod
 import socket
 import time
 from dataclasses import dataclass, field
@@ -228,11 +229,18 @@ def main(cfg: RunConfig, shards: list[int] | None = None, num_shards: int | None
         for w in workers:
             w.start()
         summary = JobSummary()
-        for _ in workers:
-            summary.merge(results.get())
+        received = 0
+        while received < len(workers):
+            try:
+                summary.merge(results.get(timeout=5))
+                received += 1
+            except queue_mod.Empty:
+                dead = [w for w in workers if w.exitcode not in (None, 0)]
+                if dead:  # a worker that crashed never reports: stop instead of waiting forever
+                    for w in workers:
+                        w.terminate()
+                    raise RuntimeError(f"stage 1 worker {dead[0].name} exited with code {dead[0].exitcode}")
         for w in workers:
             w.join()
-            if w.exitcode:
-                raise RuntimeError(f"stage 1 worker exited with code {w.exitcode}")
     summary.seconds = time.perf_counter() - t0
     return summary

@@ -15,3 +15,17 @@ def qwen_tokenizer():
     from common.tokenizer import build_qwen_tokenizer
 
     return build_qwen_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def hf_cache_run(tmp_path_factory):
+    """The demo pipeline up to a complete cache, scored by the reference (HF) backend: prepare-data then
+    one uninterrupted stage-1 run over every shard. Returns (config, stage-1 summary)."""
+    from common.manifest import prepare_data
+    from common.models import load_tokenizer
+    from stage1_teacher.run import main as stage1_main
+    from tests.pipeline_helpers import demo_config
+
+    cfg = demo_config(tmp_path_factory.mktemp("hf-cache"), "teacher.backend=hf")
+    prepare_data(cfg, load_tokenizer(cfg.student.model))
+    return cfg, stage1_main(cfg)

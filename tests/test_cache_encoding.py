@@ -1,6 +1,9 @@
-"""Log-prob encodings keep their stated worst-case error, rank order and sign."""
+"""Log-prob encodings keep their stated worst-case error, rank order and sign (value by value; whole rows,
+with renormalisation and mass-adaptive K, are in test_cache_rows)."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -55,6 +58,58 @@ def test_fp16_bound_is_half_an_ulp():
     err = abs(float(enc.decode(enc.encode(midway))[0, 0]) - float(midway[0, 0]))
     assert 0.99 * enc.error_bound(midway)[0, 0] <= err <= enc.error_bound(midway)[0, 0]
     assert enc.decode(enc.encode(np.array([[5e-5]], np.float32)))[0, 0] == 0.0  # tiny positive float noise -> 0
+
+
+# The worst cases as the encoding module's docstring states them, written out independently here.
+STATED = {
+    "fp16": lambda u: u * 2.0**-11 + 2.0**-25,
+    "qlog8": lambda u: np.full(u.shape, 2.0**-9),
+    "qlog5": lambda u: np.full(u.shape, 2.0**-6),
+    "qsqrt5": lambda u: np.minimum(1.0, 1.4 * 2.0**-6 * np.exp(np.clip(u - 4.0, 0.0, 100.0) / 2)),
+}
+
+
+def _grid() -> np.ndarray:
+    """Dense log-probs over the whole range, float32."""
+    return -np.unique(np.concatenate([np.linspace(0, 30, 400_001), np.geomspace(1e-8, -FP16_MIN, 100_001)])
+                      ).astype(np.float32)
+
+
+def test_every_encoding_has_a_stated_bound():
+    assert set(STATED) == set(ENCODINGS)
+
+
+@pytest.mark.parametrize("name", sorted(ENCODINGS))
+def test_rounding_stays_within_the_documented_worst_case(name):
+    enc = get_encoding(name)
+    x = _grid()
+    err = np.abs(enc.decode(enc.encode(x)).astype(np.float64) - x)
+    stated = STATED[name](np.abs(x.astype(np.float64)))
+    assert np.allclose(enc.stated_bound(x), stated, rtol=1e-12, atol=0)
+    assert (err <= stated).all()
+    assert (err <= enc.bin_halfwidth(enc.encode(x))).all()
+    # ... and the statement is not loose: some values come within 30% of it
+    assert (err >= 0.7 * stated).any()
+
+
+@pytest.mark.parametrize("name", ["qlog8", "qlog5", "qsqrt5"])
+def test_quantised_codes_are_compact_integers(name):
+    enc = get_encoding(name)
+    x = _grid()
+    codes = enc.encode(x)
+    assert codes.dtype == np.uint32 and codes[0] == 0 and int(codes.max()) == enc.max_code
+    assert (np.diff(codes.astype(np.int64)) >= 0).all()  # rank order -> non-decreasing codes
+    assert enc.decode(np.array([0], np.uint32))[0] == 0.0
+    # the step near 0 is the named one: 2**-8 or 2**-5 nats
+    step = 2.0 ** -int(name[-1])
+    assert enc.decode(np.array([1, 2], np.uint32)).tolist() == pytest.approx([-step, -2 * step], rel=1e-6)
+    if name == "qsqrt5":  # beyond the knee the step grows like 1/sqrt(p) and is capped at 2 nats
+        widths = -np.diff(enc.decode(np.arange(enc.max_code + 1)).astype(np.float64))
+        assert widths.max() == pytest.approx(2.0, abs=0.01) and widths[10] == pytest.approx(step)
+        deep = enc.decode(np.arange(128, 190)).astype(np.float64)
+        ratio = np.diff(deep)[1:] / np.diff(deep)[:-1]  # successive widths in the sqrt(p) part
+        assert np.allclose(ratio, np.exp(-np.diff(deep)[:-1] / 2), rtol=0.05)
+        assert math.isclose(enc.decode(np.array([enc.max_code]))[0], FP16_MIN, abs_tol=1.0)
 
 
 def test_unknown_encoding_names_the_known_ones():

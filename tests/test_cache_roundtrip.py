@@ -13,7 +13,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cache_schema import CacheReader, CacheStore, SampleRows, get_encoding, stored_positions
+from cache_schema import ENCODINGS, CacheReader, CacheStore, SampleRows, get_encoding, stored_positions
+from cache_schema.rows import decode_rows, encode_rows
 from cache_schema.synthetic import example_root_meta, synthetic_sample, zipf_topk_rows
 
 VOCAB = 1000
@@ -33,29 +34,50 @@ def samples(draw, k: int, mode: str):
                       topk_logprobs=lp)
 
 
-def assert_same(got, want: SampleRows, k: int) -> None:
+def assert_same(got, want: SampleRows, k: int, encoding: str = "fp16", epsilon: float | None = None,
+                id_table=None) -> None:
+    """The reader returns exactly what the in-memory row codec makes of the written rows (its error bounds
+    are tested in test_cache_encoding / test_cache_rows); everything else comes back unchanged. `id_table`:
+    the sample's part's (quantised encodings)."""
     assert got.sample_id == want.sample_id
     assert got.input_ids.dtype == np.int64 and np.array_equal(got.input_ids, want.input_ids)
     assert got.loss_mask.dtype == np.bool_ and np.array_equal(got.loss_mask, want.loss_mask)
     assert got.prompt_ids.dtype == np.int64 and np.array_equal(got.prompt_ids, want.prompt_ids)
     assert got.positions.dtype == np.int64 and np.array_equal(got.positions, want.positions)
-    assert got.topk_ids.dtype == np.int64 and got.topk_ids.shape == (len(want.positions), k)
-    assert np.array_equal(got.topk_ids, want.topk_ids)
-    assert got.topk_logprobs.dtype == np.float32 and got.topk_logprobs.shape == (len(want.positions), k)
-    bound = get_encoding("fp16").error_bound(want.topk_logprobs)
-    assert (np.abs(got.topk_logprobs - want.topk_logprobs) <= bound).all()
-    tail = 1.0 - np.exp(got.topk_logprobs.astype(np.float64)).sum(axis=1)
-    assert got.tail_mass.shape == (len(want.positions),)
-    assert np.allclose(got.tail_mass, np.clip(tail, 0, 1), atol=1e-6)
+    rows = len(want.positions)
+    assert got.topk_ids.dtype == np.int64 and got.topk_ids.shape == (rows, k)
+    assert got.topk_logprobs.dtype == np.float32 and got.topk_logprobs.shape == (rows, k)
+    assert got.topk_counts.shape == got.tail_mass.shape == (rows,)
+    enc = get_encoding(encoding)
+    lp = np.asarray(want.topk_logprobs, dtype=np.float32)
+    exact_mass = enc.delta_coded or epsilon is not None
+    stored = encode_rows(np.asarray(want.topk_ids, np.uint32), lp, enc, epsilon=epsilon, exact_mass=exact_mass,
+                         id_table=id_table)
+    expected = decode_rows(stored, enc, k, VOCAB, id_table=id_table)
+    assert np.array_equal(got.topk_ids, expected.ids)
+    assert np.array_equal(got.topk_logprobs, expected.logprobs)
+    assert np.array_equal(got.topk_counts, expected.counts) and np.array_equal(got.tail_mass, expected.tail)
+    if encoding == "fp16" and epsilon is None:  # the original layout: rank order and values as fp16
+        assert np.array_equal(got.topk_ids, want.topk_ids) and (got.topk_counts == k).all()
+        assert (np.abs(got.topk_logprobs - lp) <= enc.error_bound(lp)).all()
+        tail = 1.0 - np.exp(got.topk_logprobs.astype(np.float64)).sum(axis=1)
+        assert np.allclose(got.tail_mass, np.clip(tail, 0, 1), atol=1e-6)
+    else:  # the teacher's tail, kept exactly
+        keep = np.arange(k) < got.topk_counts[:, None]
+        teacher_tail = np.clip(1.0 - np.where(keep, np.exp(lp.astype(np.float64)), 0).sum(axis=1), 0, 1)
+        assert np.allclose(got.tail_mass, teacher_tail, rtol=1e-5, atol=1e-9)
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), k=st.sampled_from([1, 3, 8]), mode=st.sampled_from(["assistant", "all"]),
-       n_shards=st.integers(1, 2), chunk_bytes=st.sampled_from([128, 1024, 1 << 20]))
-def test_write_then_read_gives_the_same_samples(data, k, mode, n_shards, chunk_bytes):
-    """Tiny chunk sizes make samples straddle chunks and flushes; memory:// keeps examples fast."""
+       n_shards=st.integers(1, 2), chunk_bytes=st.sampled_from([128, 1024, 1 << 20]),
+       encoding=st.sampled_from(sorted(ENCODINGS)), epsilon=st.sampled_from([None, 0.3, 1e-3]))
+def test_write_then_read_gives_the_same_samples(data, k, mode, n_shards, chunk_bytes, encoding, epsilon):
+    """Every encoding, fixed and mass-adaptive K. Tiny chunk sizes make samples straddle chunks and flushes;
+    memory:// keeps examples fast."""
     path = f"memory://roundtrip-{uuid.uuid4().hex}/cache.zarr"
-    meta = example_root_meta(k=k, vocab_size=VOCAB, num_shards=n_shards, positions=mode)
+    meta = example_root_meta(k=k, vocab_size=VOCAB, num_shards=n_shards, positions=mode, encoding=encoding,
+                             mass_epsilon=epsilon)
     store = CacheStore.create_or_open(path, meta)
     by_shard = {}
     for shard in range(n_shards):
@@ -70,7 +92,9 @@ def test_write_then_read_gives_the_same_samples(data, k, mode, n_shards, chunk_b
     assert len(reader) == len(expected)
     assert reader.sample_ids == [s.sample_id for s in expected]
     for i in np.random.default_rng(0).permutation(len(expected)):  # random access order
-        assert_same(reader[int(i)], expected[i], k)
+        id_table = reader.part_of(reader.locate(int(i))[0]).id_table
+        assert (id_table is not None) == get_encoding(encoding).delta_coded
+        assert_same(reader[int(i)], expected[i], k, encoding, epsilon, id_table)
         assert reader.index_of(expected[i].sample_id) == i
 
 

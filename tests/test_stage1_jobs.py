@@ -29,11 +29,9 @@ def _prepared(root, tokenizer, *overrides):
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory, tokenizer):
+def full_run(hf_cache_run):
     """One uninterrupted stage-1 run over every shard: the reference for the other tests."""
-    cfg = _prepared(tmp_path_factory.mktemp("full"), tokenizer)
-    summary = stage1_main(cfg)
-    return cfg, summary
+    return hf_cache_run
 
 
 def test_full_run_fills_every_part_and_verifies(full_run):
@@ -159,3 +157,27 @@ def test_double_launch_leaves_a_leased_part_alone(tmp_path, tokenizer):
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.engine
+def test_vllm_job_fills_a_part_that_agrees_with_the_reference(full_run, tmp_path, tokenizer, monkeypatch):
+    """The production path: the real vLLM engine (CPU build) fills one part through the same job code."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in-process: seconds, not a minute
+    ref_cfg, _ = full_run
+    cfg = demo_config(tmp_path, "teacher.backend=vllm", "teacher.kv_cache_gib=1")
+    prepare_data(cfg, tokenizer)
+    shard = _biggest_shard(cfg)
+    summary = stage1_main(cfg, shards=[shard])
+    assert summary.shards_done == [shard]
+    assert verify_cache(cfg.cache.path, shards=[shard]).ok
+    ours, ref = CacheReader(cfg.cache.path), CacheReader(ref_cfg.cache.path)
+    assert ours.meta.teacher.backend == "vllm" and ours.meta.teacher.engine_version.startswith("vllm")
+    top1_same, rows = 0, 0
+    for i in range(len(ours)):
+        a, b = ours[i], ref[ref.index_of(ours[i].sample_id)]
+        np.testing.assert_array_equal(a.positions, b.positions)
+        top1_same += int((a.topk_ids[:, 0] == b.topk_ids[:, 0]).sum())
+        rows += len(a.positions)
+        # both are the same bf16 teacher: the best log-prob of each row agrees closely
+        assert np.abs(a.topk_logprobs[:, 0] - b.topk_logprobs[:, 0]).mean() < 0.05
+    assert rows > 0 and top1_same / rows > 0.9

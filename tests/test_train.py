@@ -17,12 +17,10 @@ import torch
 
 from cache_schema import CacheReader
 from common.errors import UserError
-from common.manifest import prepare_data
 from common.models import load_tokenizer
-from stage1_teacher.run import main as stage1_main
 from stage2_student import checkpoint
 from stage2_student.train import check_compatible
-from tests.pipeline_helpers import REPO, config_overrides, demo_config
+from tests.pipeline_helpers import REPO, config_overrides
 
 pytestmark = pytest.mark.distributed
 
@@ -33,7 +31,7 @@ TRAIN = [
     "train.checkpoint_every=2",
     "train.eval_every=100",
     "train.warmup_steps=2",
-    "train.lr=0.003",
+    "train.lr=1e-4",
     "train.loss_chunk=256",
     "hyper.encoder_dim=64",
     "hyper.generator_dim=128",
@@ -42,16 +40,12 @@ TRAIN = [
 
 
 @pytest.fixture(scope="module")
-def cache_cfg(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stage2")
-    cfg = demo_config(root, "teacher.backend=hf", *TRAIN)
-    prepare_data(cfg, load_tokenizer(cfg.student.model))
-    stage1_main(cfg)
-    return cfg
+def cache_cfg(hf_cache_run):
+    return hf_cache_run[0]
 
 
 def _torchrun(cfg, output_dir: Path, extra: list[str] = (), wait: bool = True):
-    sets = [*config_overrides(cfg), f"train.output_dir={output_dir}", "teacher.backend=hf", *TRAIN, *extra]
+    sets = [*config_overrides(cfg), f"train.output_dir={output_dir}", *TRAIN, *extra]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "stage2_student.train", "--config", str(REPO / "configs" / "demo.yaml")]  # fmt: skip
     for s in sets:
