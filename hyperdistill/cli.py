@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 the work ran but found problems (e.g. `cache verify`), 
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import click
@@ -36,6 +37,8 @@ def main() -> None:
     \b
     Pipeline:  build-models -> prepare-data -> teacher-cache -> cache verify -> train-student -> export-lora
     """
+    # Structured `event key=value` lines from our modules on stderr (vLLM configures its own logger).
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
 @main.command("build-models")
@@ -142,13 +145,12 @@ def preflight_cmd(config_path: str, overrides: tuple[str, ...], world_size: int)
 @reports_user_errors
 def param_count_cmd(config_path: str, overrides: tuple[str, ...]) -> None:
     """Hypernetwork parameters for the config's student, built from its config only (no weights)."""
-    from transformers import AutoConfig
-
-    from common.models import resolve_model
+    from common.model_configs import model_config
     from stage2_student.param_count import count_hypernet_params
 
     cfg = _load(config_path, overrides)
-    student = AutoConfig.from_pretrained(resolve_model(cfg.student.model, cfg.student.revision), revision=cfg.student.revision)
+    student, source = model_config(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code)
+    click.echo(f"student {cfg.student.model} (config: {source})")
     for key, value in count_hypernet_params(cfg.hyper, student).items():
         click.echo(f"{key:>28}: {value:,}" if isinstance(value, int) else f"{key:>28}: {value}")
 

@@ -7,8 +7,8 @@
 5. memory       the per-rank memory estimate fits the device with headroom
 
 Checks 2-3 run on the configured student itself when it is small enough to load here, otherwise on a
-copy of its architecture cut to one period of its layer pattern (all layer kinds, real widths, random
-weights): the code paths are the same and nothing big is loaded.
+copy of its architecture cut to one period of its layer pattern (all layer kinds, real attention and
+DeltaNet widths, 8 routed experts, random weights): the code paths are the same and nothing big is loaded.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import torch
 
 from common.config import RunConfig
 from common.errors import UserError
-from common.models import load_causal_lm, load_tokenizer, resolve_model
+from common.model_configs import model_config
+from common.models import load_causal_lm, load_tokenizer
 from stage2_student.hypernet import HyperNetwork
 from stage2_student.lora import LoRAInjector
 from stage2_student.losses import topk_distill_loss
@@ -37,10 +38,9 @@ class Check:
 
 
 def _student_for_checks(cfg: RunConfig):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    path = resolve_model(cfg.student.model, cfg.student.revision)
-    config = AutoConfig.from_pretrained(path, revision=cfg.student.revision, trust_remote_code=cfg.student.trust_remote_code)
+    config, _ = model_config(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code)
     with torch.device("meta"):
         full = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.student.trust_remote_code)
     n_params = sum(p.numel() for p in full.parameters())
@@ -53,7 +53,10 @@ def _student_for_checks(cfg: RunConfig):
     config.num_hidden_layers = period
     if layer_types:
         config.layer_types = layer_types[:period]
-    config.vocab_size = min(config.vocab_size, 4096)  # the head's width does not change the code path
+    # Neither the vocabulary nor the number of routed experts changes the code path the checks exercise.
+    config.vocab_size = min(config.vocab_size, 4096)
+    if getattr(config, "num_experts", 0):
+        config.num_experts, config.num_experts_per_tok = min(config.num_experts, 8), min(config.num_experts_per_tok, 2)
     torch.manual_seed(0)
     student = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.student.trust_remote_code).float()
     return student, full_targets, n_params, f"a {period}-layer copy of the student's architecture"
@@ -138,9 +141,7 @@ def _cache_check(cfg: RunConfig) -> Check:
 def _memory_check(cfg: RunConfig, student_params: int, hyper_params: int, world_size: int) -> Check:
     """Per rank: student shard (bf16) + hypernetwork shard with fp32 weights, grads and AdamW moments
     + activations (checkpointed: one block's input per layer) + the loss chunk's logits."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(resolve_model(cfg.student.model, cfg.student.revision), revision=cfg.student.revision)
+    config, _ = model_config(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code)
     seq = max(p.seq_len for p in cfg.train.phases)
     h, layers = config.hidden_size, config.num_hidden_layers
     gib = 1024**3
