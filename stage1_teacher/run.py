@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from cache_schema import CacheStore, PartBusy, RootMeta, SampleRows, stored_positions
+from cache_schema import CacheReader, CacheStore, PartBusy, RootMeta, SampleRows, stored_positions
 from common.config import RunConfig, config_hash, to_dict
 from common.errors import UserError
 from common.manifest import dataset_fingerprint, load_shard_samples
@@ -172,29 +172,27 @@ def _owner() -> str:
 def run_shards(cfg: RunConfig, shards: list[int], queue=None) -> JobSummary:
     """One worker: one engine, then shards from the list (or from a shared queue) until none is left."""
     tokenizer = load_tokenizer(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code)
-    store_root = None
     summary = JobSummary()
-    pending = [s for s in shards]
     backend = make_backend(cfg.teacher, resolve_model(cfg.teacher.model, cfg.teacher.revision), cfg.cache.k)
     try:
-        store_root = CacheStore.create_or_open(cfg.cache.path, root_meta(cfg, tokenizer, backend.engine_version))
-        while True:
-            if queue is not None:
-                shard = queue.get()
-                if shard is None:
-                    break
-            elif pending:
-                shard = pending.pop(0)
-            else:
-                break
+        store = CacheStore.create_or_open(cfg.cache.path, root_meta(cfg, tokenizer, backend.engine_version))
+        for shard in iter(queue.get, None) if queue is not None else shards:
             try:
-                summary.merge(run_shard(cfg, shard, store_root, backend, tokenizer, _owner()))
+                summary.merge(run_shard(cfg, shard, store, backend, tokenizer, _owner()))
             except PartBusy as busy:
                 log.warning("part_busy shard=%d %s", shard, busy)
                 summary.shards_busy.append(shard)
     finally:
         backend.close()
     return summary
+
+
+def _complete_parts(path: str) -> set[int]:
+    """Parts already complete (so no engine is started for them); empty if there is no cache yet."""
+    try:
+        return {s for s, status in CacheReader(path).part_status.items() if status == "complete"}
+    except UserError:
+        return set()
 
 
 def _worker(cfg: RunConfig, index: int, queue, results) -> None:
@@ -215,8 +213,12 @@ def main(cfg: RunConfig, shards: list[int] | None = None, num_shards: int | None
     if not os.path.exists(cfg.manifest):
         raise UserError(f"manifest {cfg.manifest}: not found; run `hyperdistill prepare-data` first")
     t0 = time.perf_counter()
-    shards = list(shards) if shards else list(range(cfg.data.num_shards))
-    if cfg.teacher.num_engines == 1 or len(shards) == 1:
+    requested = list(shards) if shards else list(range(cfg.data.num_shards))
+    done = _complete_parts(cfg.cache.path)
+    shards = [s for s in requested if s not in done]
+    if not shards:  # nothing to do: do not start an engine (minutes for the real teacher)
+        summary = JobSummary()
+    elif cfg.teacher.num_engines == 1 or len(shards) == 1:
         summary = run_shards(cfg, shards)
     else:
         ctx = mp.get_context("spawn")
@@ -242,5 +244,6 @@ def main(cfg: RunConfig, shards: list[int] | None = None, num_shards: int | None
                     raise RuntimeError(f"stage 1 worker {dead[0].name} exited with code {dead[0].exitcode}")
         for w in workers:
             w.join()
+    summary.shards_skipped.extend(s for s in requested if s in done)
     summary.seconds = time.perf_counter() - t0
     return summary
