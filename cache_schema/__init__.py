@@ -3,11 +3,11 @@
 Layout and conventions: `cache_schema.layout`. Stage 1 writes with `CacheStore` / `PartWriter`; stage 2
 reads with `CacheReader`; `verify_cache` and `inspect_cache` check and describe a cache."""
 
-from cache_schema.encoding import ENCODINGS, Encoding, Fp16Encoding, get_encoding
+from cache_schema.encoding import ENCODINGS, Encoding, Fp16Encoding, QuantisedLogEncoding, get_encoding
 from cache_schema.inspect import cache_stats, inspect_cache, show_sample
 from cache_schema.layout import (
-    SCHEMA_VERSION, CacheSample, DatasetMeta, PartMeta, RootMeta, SampleRows, TeacherMeta, TokenizerMeta, config_hash,
-    sample_checksum, stored_positions, tail_mass,
+    PAD_LOGPROB, SCHEMA_VERSION, CacheSample, DatasetMeta, PartMeta, RootMeta, SampleRows, TeacherMeta, TokenizerMeta,
+    config_hash, sample_checksum, stored_positions, tail_mass,
 )
 from cache_schema.lease import LeaseLost, PartBusy, PartLease
 from cache_schema.reader import CacheCorrupt, CacheReader
@@ -16,6 +16,7 @@ from cache_schema.writer import CacheStore, PartWriter
 
 __all__ = [
     "ENCODINGS",
+    "PAD_LOGPROB",
     "SCHEMA_VERSION",
     "CacheCorrupt",
     "CacheReader",
@@ -30,6 +31,7 @@ __all__ = [
     "PartMeta",
     "PartWriter",
     "Problem",
+    "QuantisedLogEncoding",
     "RootMeta",
     "SampleRows",
     "TeacherMeta",

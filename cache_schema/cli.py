@@ -93,7 +93,7 @@ def show_cmd(path: str, sample: str, pos: str | None, tokenizer: str | None, raw
 @click.argument("path")
 @click.option("--plot", default=None, metavar="OUT.png", help="Also write histograms of the three quantities here.")
 @click.option("--max-rows", default=2_000_000, show_default=True,
-              help="Use at most this many rows (whole chunks, spread evenly).")
+              help="Use at most this many rows (whole samples, spread evenly).")
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
 @reports_user_errors
 def stats_cmd(path: str, plot: str | None, max_rows: int, as_json: bool) -> None:

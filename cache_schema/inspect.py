@@ -9,7 +9,10 @@ from typing import Any
 import numpy as np
 import zarr
 
-from cache_schema.layout import PARTS_GROUP, SAMPLE_IDS, TOPK_IDS, TOPK_LOGPROBS, PartMeta, part_path, tail_mass
+from cache_schema.layout import (
+    ID_TABLE, PARTS_GROUP, ROW_OFFSETS, SAMPLE_IDS, TOPK_COUNTS, TOPK_IDS, TOPK_LOGMASS, TOPK_LOGPROBS, PartMeta,
+    part_path,
+)
 from cache_schema.reader import CacheReader
 from cache_schema.storage import CacheLocation, open_root, part_status
 from common.errors import UserError
@@ -19,14 +22,16 @@ PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 
 def inspect_cache(path: str, *, storage_options: dict | None = None) -> dict[str, Any]:
     """Summary of a cache. Counts and sizes per row cover complete parts only: `bytes_per_row` = all their
-    files / stored rows, `topk_bytes_per_row` = topk_ids + topk_logprobs only; `decoded_bytes` = their
+    files / stored rows, `topk_bytes_per_row` = the top-K arrays only (topk_ids, topk_logprobs and, where the
+    layout has them, topk_counts, topk_logmass and id_table); `entries_per_row` = stored top-K entries / rows (K unless
+    mass-adaptive); `decoded_bytes` = their
     numeric arrays once decompressed (stored dtypes), `compression_ratio` = decoded_bytes / those arrays'
     bytes on disk. `bytes_on_disk` is the whole store, incomplete parts included."""
     location = CacheLocation(path, storage_options)
     root, meta = open_root(location)
     statuses = {s: part_status(root, s) for s in range(meta.num_shards)}
     totals = {"samples": 0, "tokens": 0, "prompt_tokens": 0, "rows": 0}
-    decoded = 0
+    decoded = entries = 0
     for shard, status in statuses.items():
         if status != "complete":
             continue
@@ -36,7 +41,9 @@ def inspect_cache(path: str, *, storage_options: dict | None = None) -> dict[str
         totals["tokens"] += pm.n_tokens
         totals["prompt_tokens"] += pm.n_prompt_tokens
         totals["rows"] += pm.n_rows
-        decoded += sum(a.nbytes for name, a in group.arrays() if name != SAMPLE_IDS)
+        arrays = dict(group.arrays())
+        decoded += sum(a.nbytes for name, a in arrays.items() if name != SAMPLE_IDS)
+        entries += arrays[TOPK_IDS].size
     sizes = location.file_sizes()
     complete = {f"{s:05d}" for s, v in statuses.items() if v == "complete"}
     by_array: dict[str, int] = {}
@@ -48,7 +55,7 @@ def inspect_cache(path: str, *, storage_options: dict | None = None) -> dict[str
             if len(parts) >= 4 and parts[2] != SAMPLE_IDS:
                 by_array[parts[2]] = by_array.get(parts[2], 0) + size
     rows = totals["rows"]
-    topk = by_array.get(TOPK_IDS, 0) + by_array.get(TOPK_LOGPROBS, 0)
+    topk = sum(by_array.get(name, 0) for name in (TOPK_IDS, TOPK_LOGPROBS, TOPK_COUNTS, TOPK_LOGMASS, ID_TABLE))
     return {
         "path": location.path,
         "schema_version": meta.schema_version,
@@ -56,6 +63,7 @@ def inspect_cache(path: str, *, storage_options: dict | None = None) -> dict[str
         "tokenizer": meta.tokenizer.name,
         "k": meta.k,
         "encoding": meta.encoding,
+        "mass_epsilon": meta.mass_epsilon,
         "positions": meta.positions,
         "vocab_size": meta.vocab_size,
         **totals,
@@ -67,6 +75,7 @@ def inspect_cache(path: str, *, storage_options: dict | None = None) -> dict[str
         "bytes_by_array": dict(sorted(by_array.items())),
         "bytes_per_row": complete_bytes / rows if rows else None,
         "topk_bytes_per_row": topk / rows if rows else None,
+        "entries_per_row": entries / rows if rows else None,
         "decoded_bytes": decoded,
         "compression_ratio": decoded / sum(by_array.values()) if by_array else None,
     }
@@ -134,10 +143,11 @@ def show_sample(path: str, sample: str | int, pos: tuple[int, int] | None = None
     for r in rows:
         t = int(s.positions[r])
         nxt = int(s.input_ids[t + 1])
-        ids, probs = s.topk_ids[r], np.exp(s.topk_logprobs[r])
+        n = int(s.topk_counts[r])
+        ids, probs = s.topk_ids[r, :n], np.exp(s.topk_logprobs[r, :n])
         hit = np.flatnonzero(ids == nxt)
         p_next, rank = (f"{probs[hit[0]]:.4f}", str(int(hit[0]) + 1)) if hit.size else ("tail", ">K")
-        tops = "  ".join(f"{_token_text(tok, ids[i])} {probs[i]:.3f}" for i in range(top))
+        tops = "  ".join(f"{_token_text(tok, ids[i])} {probs[i]:.3f}" for i in range(min(top, n)))
         lines.append(f"{t:>6}  {_token_text(tok, nxt):<22} {p_next:>8} {rank:>5} {s.tail_mass[r]:>7.4f}  {tops}")
     more = pos is None and len(rows) < len(s.positions)
     hint = "; use pos=(a, b) / --pos A:B for others" if more else ""
@@ -155,28 +165,24 @@ def _summary(values: np.ndarray) -> dict[str, float]:
 
 def cache_stats(path: str, plot: str | None = None, *, max_rows: int = 2_000_000,
                 storage_options: dict | None = None) -> dict[str, Any]:
-    """Per-row entropy (nats, over the top-K plus one tail bucket), top-1 probability and tail mass: mean and
-    percentiles over the rows of the complete parts. Beyond `max_rows`, whole chunks spread evenly over the
-    cache are used (`rows_used` says how many). `plot`: write a PNG with the three histograms there."""
+    """Per-row entropy (nats, over the row's entries plus one tail bucket), top-1 probability and tail mass:
+    mean and percentiles over the rows of the complete parts. Beyond `max_rows`, whole samples spread evenly
+    over the cache are used (`rows_used` says how many). `plot`: write a PNG with the three histograms."""
     reader = CacheReader(path, storage_options=storage_options)
-    spans = []  # (part, start row, stop row) of every topk_logprobs chunk
-    for part in reader.parts:
-        array = part.arrays[TOPK_LOGPROBS]
-        c = array.chunks[0]
-        spans.extend((part, a, min(a + c, array.shape[0])) for a in range(0, array.shape[0], c))
-    total = sum(b - a for _, a, b in spans)
+    rows_per_sample = np.concatenate([np.diff(p.offsets[ROW_OFFSETS]) for p in reader.parts] or [np.empty(0, int)])
+    total = int(rows_per_sample.sum())
+    chosen = np.arange(len(reader))
     if total > max_rows:
-        keep = max(1, round(len(spans) * max_rows / total))
-        spans = [spans[i] for i in np.linspace(0, len(spans) - 1, keep).round().astype(int)]
-    decode = reader.encoding.decode
+        keep = max(1, round(len(reader) * max_rows / total))
+        chosen = np.unique(np.linspace(0, len(reader) - 1, keep).round().astype(int))
     entropy, top1, tail = [], [], []
-    for part, a, b in spans:
-        lp = decode(part.read_range(TOPK_LOGPROBS, a, b))
-        p = np.exp(lp)
-        t = tail_mass(lp)
+    for i in chosen:
+        s = reader[int(i)]
+        p = np.exp(s.topk_logprobs)  # exactly 0 on padding entries
+        t = s.tail_mass
         with np.errstate(divide="ignore", invalid="ignore"):
             tail_term = np.where(t > 0, t * np.log(t), 0.0)
-        entropy.append(-(p * lp).sum(axis=1) - tail_term)
+        entropy.append(-(p * s.topk_logprobs).sum(axis=1) - tail_term)
         top1.append(p[:, 0])
         tail.append(t)
     entropy_v, top1_v, tail_v = (np.concatenate(xs).astype(np.float64) if xs else np.empty(0)

@@ -18,11 +18,10 @@ import zarr
 
 from cache_schema.encoding import Encoding, get_encoding
 from cache_schema.layout import (
-    ALL_ARRAYS, APPENDED_ARRAYS, CHECKSUMS, INPUT_IDS, LOSS_MASK, OFFSETS_OF, POSITIONS, PROMPT_IDS, PROMPT_OFFSETS,
-    ROW_OFFSETS,
-    SAMPLE_IDS, TOKEN_OFFSETS, TOPK_IDS, TOPK_LOGPROBS, CacheSample, PartMeta, RootMeta, array_dtype, part_path,
-    row_shape, tail_mass,
+    CHECKSUMS, ID_TABLE, INPUT_IDS, LOSS_MASK, POSITIONS, PROMPT_IDS, PROMPT_OFFSETS, ROW_OFFSETS, SAMPLE_IDS,
+    TOKEN_OFFSETS, CacheSample, PartMeta, RootMeta, part_arrays, part_path,
 )
+from cache_schema.rows import DecodedRows, IdTable, decode_rows
 from cache_schema.storage import CacheLocation, PartStatus, open_root, part_status
 from common.errors import UserError
 
@@ -41,7 +40,10 @@ class CacheCorrupt(UserError):
 
 
 class ChunkLRU:
-    """Decoded chunks by (shard, array, chunk index), evicted least recently used beyond max_bytes."""
+    """Decoded chunks by (shard, array, chunk index), evicted least recently used beyond max_bytes.
+
+    (Loading a sample's chunks, or decoding its rows, on a few threads was measured and dropped: +30% on
+    a 2-core VM, -15 to -25% per process on a 16-core H100 host.)"""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
@@ -69,10 +71,13 @@ class PartReader:
         self.shard = shard
         self.where = f"{where} part {shard:05d}"
         self.lru = lru
+        self.layout = part_arrays(meta)
+        self.encoding = get_encoding(meta.encoding)
+        self.k, self.vocab_size = meta.k, meta.vocab_size
         try:
             group = zarr.open_group(root.store, path=part_path(shard), mode="r")
             attrs = dict(group.attrs)
-            nodes = {name: group.get(name) for name in ALL_ARRAYS}
+            nodes = {name: group.get(name) for name in self.layout.all}
         except Exception as e:  # torn or corrupt zarr.json files
             raise CacheCorrupt(self.where, f"cannot open ({type(e).__name__}: {e})") from None
         try:
@@ -86,9 +91,9 @@ class PartReader:
         self._check_arrays(meta)
         try:
             self.sample_ids: list[str] = [str(x) for x in self.arrays[SAMPLE_IDS][:].tolist()]
-            self.offsets = {name: np.asarray(self.arrays[name][:], dtype=np.int64)
-                            for name in (TOKEN_OFFSETS, PROMPT_OFFSETS, ROW_OFFSETS)}
+            self.offsets = {name: np.asarray(self.arrays[name][:], dtype=np.int64) for name in self.layout.offsets}
             self.checksums = np.asarray(self.arrays[CHECKSUMS][:], dtype=np.uint64)
+            self.id_table = IdTable(self.arrays[ID_TABLE][:]) if self.layout.id_table else None
         except Exception as e:
             raise CacheCorrupt(self.where, f"cannot read its index ({type(e).__name__}: {e})") from None
         self._check_index()
@@ -99,21 +104,30 @@ class PartReader:
             raise CacheCorrupt(self.where, f"written with k={pm.k}, encoding={pm.encoding!r} but the cache has "
                                f"k={meta.k}, encoding={meta.encoding!r}")
         for name, array in self.arrays.items():
-            want = array_dtype(name, meta.encoding)
+            want, shape = self.layout.dtype(name), self.layout.row_shape(name)
             ok = array.dtype.kind in "TUO" if want is str else array.dtype == want
-            if not ok or array.ndim != 1 + len(row_shape(name, meta.k)) or array.shape[1:] != row_shape(name, meta.k):
-                raise CacheCorrupt(self.where, f"array {name} is {array.dtype}{array.shape}, "
-                                   f"expected {want}(*, {', '.join(map(str, row_shape(name, meta.k)))})")
+            if not ok or array.shape[1:] != shape:
+                dims = ", ".join(["*", *map(str, shape)])
+                raise CacheCorrupt(self.where, f"array {name} is {array.dtype}{array.shape}, expected {want}({dims})")
+
+    @property
+    def checksum_salt(self) -> bytes:
+        """What the part's sample checksums mix in besides the samples' arrays (see layout.sample_checksum)."""
+        return self.id_table.digest() if self.id_table is not None else b""
 
     def _check_index(self) -> None:
         n = len(self.sample_ids)
         pm = self.part_meta
+        table = self.id_table.table if self.id_table is not None else np.empty(0, np.uint32)
+        if len(table) and (int(table.max()) >= self.vocab_size or len(np.unique(table)) != len(table)):
+            raise CacheCorrupt(self.where, f"id_table holds ids twice or ids >= vocab_size {self.vocab_size}")
         if len(self.checksums) != n:
             raise CacheCorrupt(self.where, f"{len(self.checksums)} checksums for {n} samples")
         for name, offsets in self.offsets.items():
             if len(offsets) != n + 1 or offsets[0] != 0 or (np.diff(offsets) < 0).any():
                 raise CacheCorrupt(self.where, f"{name} is not {n + 1} non-decreasing offsets from 0")
-        for name, offsets_name in OFFSETS_OF.items():
+        for name in self.layout.appended:
+            offsets_name = self.layout.offsets_of(name)
             end, length = int(self.offsets[offsets_name][-1]), self.arrays[name].shape[0]
             if end != length:
                 raise CacheCorrupt(self.where, f"{offsets_name} ends at {end} but {name} has {length} entries")
@@ -153,15 +167,23 @@ class PartReader:
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     def read_stored(self, j: int) -> dict[str, np.ndarray]:
-        """Sample j's six per-sample arrays, stored dtypes. CacheCorrupt names the sample on read failure."""
+        """Sample j's slices of the appended arrays, stored dtypes. CacheCorrupt names the sample on read
+        failure."""
         out = {}
-        for name in APPENDED_ARRAYS:
-            offsets = self.offsets[OFFSETS_OF[name]]
+        for name in self.layout.appended:
+            offsets = self.offsets[self.layout.offsets_of(name)]
             try:
                 out[name] = self.read_range(name, int(offsets[j]), int(offsets[j + 1]))
             except CacheCorrupt as e:
                 raise CacheCorrupt(f"{e.where} sample {self.sample_ids[j]!r}", e.detail) from None
         return out
+
+    def decode(self, j: int, stored: dict[str, np.ndarray]) -> DecodedRows:
+        """Sample j's top-K rows decoded from its stored arrays (CacheCorrupt when they do not fit together)."""
+        try:
+            return decode_rows(stored, self.encoding, self.k, self.vocab_size, id_table=self.id_table)
+        except ValueError as e:
+            raise CacheCorrupt(f"{self.where} sample {self.sample_ids[j]!r}", str(e)) from None
 
 
 class CacheReader:
@@ -278,16 +300,17 @@ class CacheReader:
         shard, j = self.locate(int(i))
         part = self.part_of(shard)
         st = part.read_stored(j)
-        logprobs = self.encoding.decode(st[TOPK_LOGPROBS])
+        rows = part.decode(j, st)
         return CacheSample(
             sample_id=part.sample_ids[j],
             input_ids=st[INPUT_IDS].astype(np.int64),
             loss_mask=st[LOSS_MASK].astype(bool),
             prompt_ids=st[PROMPT_IDS].astype(np.int64),
             positions=st[POSITIONS].astype(np.int64),
-            topk_ids=st[TOPK_IDS].astype(np.int64),
-            topk_logprobs=logprobs,
-            tail_mass=tail_mass(logprobs),
+            topk_ids=rows.ids,
+            topk_logprobs=rows.logprobs,
+            topk_counts=rows.counts,
+            tail_mass=rows.tail,
         )
 
     def __iter__(self):

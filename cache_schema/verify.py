@@ -11,9 +11,16 @@ Checks, by name:
   checksum                        the sample's checksum matches its stored arrays
   finite, logprob_positive        decoded log-probs are finite and <= 0
   rank_order                      log-probs non-increasing along K
-  prob_sum                        sum of exp(log-prob - encoding error bound) <= 1 + PROB_SUM_TOL
+  prob_sum                        [fp16 at fixed K] sum of exp(log-prob - encoding error bound) <= 1 + PROB_SUM_TOL
   id_range                        input, prompt and top-K ids < vocab_size
   duplicate_ids                   no token id twice within a top-K row
+  counts                          [mass-adaptive] every row has 1..K entries and they add up to the stored ones
+  range                           [quantised] codes within the encoding's range (log-prob >= its min_value)
+  tie_order                       [quantised] entries with equal codes are in ascending id-table order
+  logmass                         [all others] the stored row mass is finite, <= 0, and agrees with the row's
+                                  stored log-probs within their rounding bounds
+  mass_epsilon                    [mass-adaptive] a row with fewer than K entries covers >= 1 - eps, and no
+                                  row keeps more entries than that needs (both up to the rounding bounds)
   positions                       positions == stored_positions(loss_mask, positions mode)
   duplicate_sample                a sample id in two places
   manifest_missing                a sample the manifest lists for a shard is not in that shard's part
@@ -29,10 +36,12 @@ import numpy as np
 import zarr
 
 from cache_schema.encoding import get_encoding
+from cache_schema.encoding import Encoding
 from cache_schema.layout import (
-    INPUT_IDS, LOSS_MASK, PROMPT_IDS, POSITIONS, TOPK_IDS, TOPK_LOGPROBS, RootMeta, describe_rows, row_violations,
-    sample_checksum, stored_positions,
+    INPUT_IDS, LOSS_MASK, PROB_SUM_TOL, PROMPT_IDS, POSITIONS, TOPK_IDS, TOPK_LOGMASS, TOPK_LOGPROBS, RootMeta,
+    describe_rows, part_arrays, row_violations, sample_checksum, stored_positions,
 )
+from cache_schema.rows import IdTable, decode_rows
 from cache_schema.reader import DEFAULT_CACHE_BYTES, CacheCorrupt, PartReader, ChunkLRU
 from cache_schema.storage import CacheLocation, open_root, part_status
 from common.errors import UserError
@@ -94,17 +103,25 @@ def load_manifest_ids(path: str | Path) -> dict[int, list[str]]:
     return ids
 
 
-def check_sample(arrays: dict[str, np.ndarray], sample_id: str, stored_checksum: int,
-                 meta: RootMeta) -> list[tuple[str, str]]:
-    """(check, detail) for everything wrong with one sample's stored arrays."""
+def check_sample(arrays: dict[str, np.ndarray], sample_id: str, stored_checksum: int, meta: RootMeta,
+                 id_table: IdTable | None = None) -> list[tuple[str, str]]:
+    """(check, detail) for everything wrong with one sample's stored arrays (`id_table`: its part's, with the
+    quantised encodings)."""
     out: list[tuple[str, str]] = []
-    if sample_checksum(sample_id, arrays) != int(stored_checksum):
+    layout = part_arrays(meta)
+    salt = id_table.digest() if id_table is not None else b""
+    if sample_checksum(sample_id, arrays, layout.appended, sha256=layout.sha256_checksums,
+                       salt=salt) != int(stored_checksum):
         out.append(("checksum", "the stored arrays do not match the sample's checksum"))
     enc = get_encoding(meta.encoding)
     positions = arrays[POSITIONS]
-    lp = enc.decode(arrays[TOPK_LOGPROBS])
-    for check, bad, what in row_violations(arrays[TOPK_IDS], lp, meta.vocab_size, logprob_slack=enc.error_bound(lp)):
-        out.append((check, describe_rows(bad, positions, what)))
+    if layout.exact_mass:
+        out.extend(_exact_mass_rows(arrays, positions, meta, enc, id_table))
+    else:
+        lp = enc.decode(arrays[TOPK_LOGPROBS])
+        for check, bad, what in row_violations(arrays[TOPK_IDS], lp, meta.vocab_size,
+                                               logprob_slack=enc.error_bound(lp)):
+            out.append((check, describe_rows(bad, positions, what)))
     for name in (INPUT_IDS, PROMPT_IDS):
         if arrays[name].size and int(arrays[name].max()) >= meta.vocab_size:
             out.append(("id_range", f"{name} holds ids >= vocab_size {meta.vocab_size}"))
@@ -113,6 +130,62 @@ def check_sample(arrays: dict[str, np.ndarray], sample_id: str, stored_checksum:
         out.append(("positions", f"{len(positions)} rows at positions that differ from stored_positions(loss_mask, "
                                  f"{meta.positions!r}) ({len(expected)} expected)"))
     return out
+
+
+def _exact_mass_rows(arrays: dict[str, np.ndarray], positions: np.ndarray, meta: RootMeta, enc: Encoding,
+                     id_table: IdTable | None) -> list[tuple[str, str]]:
+    """Row checks for the layouts with topk_logmass (quantised encodings, mass-adaptive K)."""
+    try:
+        rows = decode_rows(arrays, enc, meta.k, meta.vocab_size, id_table=id_table, detail=True)
+    except ValueError as e:
+        return [("counts", str(e))]
+    valid = rows.valid()
+    ids, raw, lm = rows.ids, rows.raw, arrays[TOPK_LOGMASS].astype(np.float64)
+    half = np.where(valid, enc.bin_halfwidth(rows.codes), 0.0)
+    k = meta.k
+    with np.errstate(invalid="ignore", over="ignore"):
+        checks = [
+            ("id_range", (valid & ((ids < 0) | (ids >= meta.vocab_size))).any(axis=1),
+             f"top-K ids outside [0, vocab_size {meta.vocab_size})"),
+            ("duplicate_ids",  # padding gets distinct negative stand-ins
+             (np.diff(np.sort(np.where(valid, ids, -1 - np.arange(k)), axis=1), axis=1) == 0).any(axis=1),
+             "a token id twice in a row"),
+            ("logmass", ~np.isfinite(lm) | (lm > 0), "a stored row mass that is not finite or above 1"),
+        ]
+        if enc.delta_coded:
+            same_code = np.diff(rows.codes, axis=1) == 0
+            checks += [
+                ("range", (valid & (rows.codes > enc.max_code)).any(axis=1),
+                 f"codes beyond the {enc.name} encoding's range"),
+                ("tie_order", (valid[:, 1:] & same_code & (np.diff(rows.symbols, axis=1) <= 0)).any(axis=1),
+                 "entries with equal codes not in ascending id-table order"),
+            ]
+        else:
+            real = np.where(valid, raw, -np.inf)
+            checks += [
+                ("finite", (valid & ~np.isfinite(raw)).any(axis=1), "log-probs not finite"),
+                ("logprob_positive", (real > 0).any(axis=1), "log-probs above 0"),
+                ("rank_order", (valid[:, 1:] & (np.diff(real, axis=1) > 0)).any(axis=1),
+                 "log-probs not in rank order (non-increasing along K)"),
+            ]
+        # The stored mass is the log-sum-exp of the teacher's values, each within `half` of its decoded value,
+        # clamped at 0 when float error put the teacher's sum above 1 (the writer allows 1 + PROB_SUM_TOL).
+        slack = half.max(axis=1) + 1e-5 + np.abs(lm) * 1e-6 + np.where(lm == 0, np.log1p(PROB_SUM_TOL), 0.0)
+        checks.append(("logmass", ~(np.abs(rows.shift) <= slack),
+                       "a stored row mass that disagrees with the row's log-probs beyond the encoding's bound"))
+        if meta.mass_epsilon is not None:
+            target = 1.0 - meta.mass_epsilon
+            short = rows.counts < k
+            # The teacher's mass of the first n-1 entries is at least that of the decoded values less `half`.
+            lower = np.exp(raw.astype(np.float64) - half)
+            before_last = np.where(np.arange(k) < rows.counts[:, None] - 1, lower, 0.0).sum(axis=1)
+            checks += [
+                ("mass_epsilon", short & (np.exp(lm) < target * (1 - 1e-6)),
+                 f"rows with fewer than K entries that hold less than 1 - mass_epsilon = {target:g}"),
+                ("mass_epsilon", before_last >= target * (1 + 1e-6),
+                 f"rows keeping more entries than needed to hold 1 - mass_epsilon = {target:g}"),
+            ]
+    return [(name, describe_rows(bad, positions, what)) for name, bad, what in checks if bad.any()]
 
 
 def verify_cache(path: str, manifest_ids: dict[int, list[str]] | None = None, *, storage_options: dict | None = None,
@@ -152,7 +225,8 @@ def verify_cache(path: str, manifest_ids: dict[int, list[str]] | None = None, *,
                 problems.append(Problem("read", e.detail, shard, sid))
                 continue
             report.rows += len(arrays[POSITIONS])
-            problems.extend(Problem(c, d, shard, sid) for c, d in check_sample(arrays, sid, part.checksums[j], meta))
+            problems.extend(Problem(c, d, shard, sid)
+                            for c, d in check_sample(arrays, sid, part.checksums[j], meta, part.id_table))
         if manifest_ids is not None:
             present = set(part.sample_ids)
             missing = [sid for sid in manifest_ids.get(shard, []) if sid not in present]

@@ -8,7 +8,9 @@
             w.finish({"timings": {"teacher_s": t}})
 
 Memory stays bounded: appended arrays are buffered a few chunks at a time and written as whole chunks;
-only the per-sample index (ids, offsets, checksums: ~40 bytes a sample) is kept until the end.
+only the per-sample index (ids, offsets, checksums: ~40 bytes a sample) is kept until the end. With the
+quantised encodings the first ID_TABLE_ROWS rows are also held back until their ids have made the part's
+id table (cache_schema.rows.IdTable), which all of the part's rows are encoded against.
 """
 
 from __future__ import annotations
@@ -25,18 +27,21 @@ import zarr
 
 from cache_schema.encoding import Encoding, get_encoding
 from cache_schema.layout import (
-    ALL_ARRAYS, APPENDED_ARRAYS, CHECKSUMS, DEFAULT_CHUNK_BYTES, INPUT_IDS, LEASE_FILE, LOGPROB_POSITIVE_TOL, LOSS_MASK,
-    PARTS_GROUP,
-    POSITIONS, PROMPT_IDS, PROMPT_OFFSETS, ROW_OFFSETS, SAMPLE_IDS, TOKEN_OFFSETS, TOPK_IDS,
-    TOPK_LOGPROBS, PartMeta, RootMeta, SampleRows, array_codecs, array_dtype, chunk_length, config_hash,
-    describe_rows, part_path, row_shape, row_violations, sample_checksum, stored_positions,
+    CHECKSUMS, DEFAULT_CHUNK_BYTES, ENTRY_OFFSETS, ID_TABLE, INPUT_IDS, LEASE_FILE, LOGPROB_POSITIVE_TOL, LOSS_MASK,
+    PARTS_GROUP, POSITIONS, PROMPT_IDS, PROMPT_OFFSETS, ROW_OFFSETS, SAMPLE_IDS, TOKEN_OFFSETS, TOPK_IDS, TOPK_LOGPROBS,
+    PartMeta, RootMeta, SampleRows, config_hash, describe_rows, part_arrays, part_path, row_violations, sample_checksum,
+    stored_positions,
 )
 from cache_schema.lease import LEASE_TTL_S, PartLease
+from cache_schema.rows import IdTable, encode_rows
 from cache_schema.storage import CacheLocation, PartStatus, open_root, part_status
 from common.errors import UserError
 
 # Whole chunks written per flush of a buffer: several at once lets Zarr compress them on parallel threads.
 CHUNKS_PER_FLUSH = 4
+# Rows whose top-K ids make a part's id table (quantised encodings): 16 MiB held back at K=128. Ids first
+# seen later are stored escaped (rows.IdTable), which costs a few bytes each.
+ID_TABLE_ROWS = 16384
 
 
 class CacheStore:
@@ -175,14 +180,23 @@ class PartWriter:
         self.rel = part_path(shard)
         self.meta = store.meta
         self.encoding: Encoding = get_encoding(store.meta.encoding)
+        self.arrays = part_arrays(store.meta)
         self.chunk_bytes = chunk_bytes
         self.lease = PartLease(store.location, self.rel, owner, ttl_s=lease_ttl_s)
         self.group: zarr.Group | None = None
         self.finished: PartMeta | None = None
         self._ids: list[str] = []
         self._seen: set[str] = set()
-        self._offsets = {TOKEN_OFFSETS: [0], PROMPT_OFFSETS: [0], ROW_OFFSETS: [0]}
+        # Each offsets array and the appended array whose lengths it accumulates.
+        self._counted = {TOKEN_OFFSETS: INPUT_IDS, PROMPT_OFFSETS: PROMPT_IDS, ROW_OFFSETS: POSITIONS}
+        if self.arrays.ragged:
+            self._counted[ENTRY_OFFSETS] = TOPK_IDS
+        self._offsets = {name: [0] for name in self._counted}
         self._checksums: list[int] = []
+        self._id_table: IdTable | None = None
+        self._salt = b""
+        self._held: list[tuple[str, dict[str, np.ndarray]]] = []  # validated samples waiting for the id table
+        self._held_rows = 0
         self._appenders: dict[str, _Appender] = {}
         self._writes = _BackgroundWrites()
         self._busy_s = 0.0
@@ -216,17 +230,16 @@ class PartWriter:
             self.store.location.delete(f"{self.rel}/{name}")
         self.group = zarr.create_group(self.store.root.store, path=self.rel,
                                        attributes=self._part_meta(complete=False).to_dict())
-        k, enc = self.meta.k, self.meta.encoding
-        for name in ALL_ARRAYS:
-            chunk_len = chunk_length(name, k, self.chunk_bytes)
-            shape = (0, *row_shape(name, k))
-            dtype = array_dtype(name, enc)
+        layout = self.arrays
+        for name in layout.all:
+            chunk_len = layout.chunk_length(name, self.chunk_bytes)
+            dtype = layout.dtype(name)
             array = self.group.create_array(
-                name, shape=shape, chunks=(chunk_len, *row_shape(name, k)), dtype=dtype,
-                compressors=array_codecs(name), fill_value="" if dtype is str else 0,
+                name, shape=(0, *layout.row_shape(name)), chunks=(chunk_len, *layout.row_shape(name)), dtype=dtype,
+                compressors=layout.codecs(name), fill_value="" if dtype is str else 0,
                 config={"write_empty_chunks": True},
             )
-            if name in APPENDED_ARRAYS:
+            if name in layout.appended:
                 self._appenders[name] = _Appender(array, chunk_len, self._writes)
 
     def _part_meta(self, complete: bool, timings: dict | None = None, extra: dict | None = None) -> PartMeta:
@@ -246,18 +259,46 @@ class PartWriter:
             raise RuntimeError("PartWriter.add outside its `with` block or after finish()")
         t0 = time.perf_counter()
         arrays = self._validated(sample)
-        for name, appender in self._appenders.items():
-            appender.append(arrays[name])
-        self._ids.append(sample.sample_id)
         self._seen.add(sample.sample_id)
-        for offsets, name in ((TOKEN_OFFSETS, INPUT_IDS), (PROMPT_OFFSETS, PROMPT_IDS), (ROW_OFFSETS, POSITIONS)):
-            self._offsets[offsets].append(self._offsets[offsets][-1] + len(arrays[name]))
-        self._checksums.append(sample_checksum(sample.sample_id, arrays))
+        if self.arrays.id_table and self._id_table is None:
+            self._held.append((sample.sample_id, arrays))
+            self._held_rows += len(arrays[POSITIONS])
+            if self._held_rows >= ID_TABLE_ROWS:
+                self._start_id_table()
+        else:
+            self._append(sample.sample_id, arrays)
         self.lease.renew_if_due()
         self._busy_s += time.perf_counter() - t0
 
+    def _start_id_table(self) -> None:
+        """Make the part's id table from the held samples' top-K ids, store it, and append them."""
+        ids = [arrays[TOPK_IDS] for _, arrays in self._held]
+        self._id_table = IdTable.from_ids(np.concatenate([a.ravel() for a in ids]) if ids else np.empty(0))
+        self._salt = self._id_table.digest()
+        table = self.group[ID_TABLE]
+        table.resize((len(self._id_table.table),))
+        if len(self._id_table.table):
+            table[:] = self._id_table.table
+        held, self._held = self._held, []
+        for sample_id, arrays in held:
+            self._append(sample_id, arrays)
+
+    def _append(self, sample_id: str, arrays: dict[str, np.ndarray]) -> None:
+        """Encode a validated sample's rows and append everything."""
+        arrays.update(encode_rows(arrays[TOPK_IDS], arrays[TOPK_LOGPROBS], self.encoding,
+                                  epsilon=self.meta.mass_epsilon, exact_mass=self.arrays.exact_mass,
+                                  id_table=self._id_table))
+        for name, appender in self._appenders.items():
+            appender.append(arrays[name])
+        self._ids.append(sample_id)
+        for offsets, name in self._counted.items():
+            self._offsets[offsets].append(self._offsets[offsets][-1] + len(arrays[name]))
+        self._checksums.append(sample_checksum(sample_id, arrays, self.arrays.appended,
+                                               sha256=self.arrays.sha256_checksums, salt=self._salt))
+
     def _validated(self, s: SampleRows) -> dict[str, np.ndarray]:
-        """The sample's arrays in their stored dtypes, after every check the format promises."""
+        """The sample's arrays in their stored dtypes (top-K ids as uint32, log-probs as float32, not yet
+        encoded), after every check the format promises."""
         sid = s.sample_id
         where = f"cache {self.store.path} part {self.shard:05d}: sample {sid!r}"
         if not isinstance(sid, str) or not sid:
@@ -305,15 +346,14 @@ class PartWriter:
         if lp.size:
             if not np.issubdtype(lp.dtype, np.floating):
                 raise UserError(f"{where}: topk_logprobs must be floating point, got dtype {lp.dtype}")
-            lp = lp.astype(np.float32, copy=False)
-            self._check_rows(topk_ids, lp, positions, where)
+            self._check_rows(topk_ids, lp.astype(np.float32, copy=False), positions, where)
         return {
             INPUT_IDS: input_ids.astype(np.uint32, copy=False),
             LOSS_MASK: mask,
             PROMPT_IDS: prompt_ids.astype(np.uint32, copy=False),
             POSITIONS: positions.astype(np.uint32, copy=False),
             TOPK_IDS: topk_ids.astype(np.uint32, copy=False),
-            TOPK_LOGPROBS: self.encoding.encode(lp) if lp.size else np.empty((0, k), self.encoding.dtype),
+            TOPK_LOGPROBS: lp.astype(np.float32, copy=False),
         }
 
     def _check_rows(self, topk_ids: np.ndarray, lp: np.ndarray, positions: np.ndarray, where: str) -> None:
@@ -345,6 +385,8 @@ class PartWriter:
         except (TypeError, ValueError) as e:
             raise UserError(f"{where} attributes are not JSON ({e})") from None
         t0 = time.perf_counter()
+        if self.arrays.id_table and self._id_table is None:
+            self._start_id_table()
         for appender in self._appenders.values():
             appender.flush()
         self._writes.drain()

@@ -103,6 +103,8 @@ class CacheConfig:
     """How log-probs are encoded (see cache_schema.encoding)."""
     positions: Literal["assistant", "all"] = "assistant"
     """Store rows only where the next token is an assistant token, or everywhere."""
+    mass_epsilon: float | None = None
+    """Mass-adaptive K: keep per row the fewest top entries covering 1 - epsilon of the probability (<= k)."""
 
 
 @dataclass

@@ -62,6 +62,7 @@ def root_meta(cfg: RunConfig, tokenizer, engine_version: str) -> RootMeta:
     return RootMeta(
         k=cfg.cache.k,
         encoding=cfg.cache.encoding,
+        mass_epsilon=cfg.cache.mass_epsilon,
         positions=cfg.cache.positions,
         teacher={
             "model": cfg.teacher.model,

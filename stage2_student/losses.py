@@ -144,7 +144,9 @@ def teacher_buckets(teacher_logprobs: torch.Tensor, temperature: float = 1.0) ->
     """
     lp = teacher_logprobs.float().clamp(min=TEACHER_LOGP_FLOOR)
     log_tail = _log_tail(torch.logsumexp(lp, dim=-1))  # [R]
-    log_pk = lp.min(dim=-1).values
+    # The K-th cached probability; padding entries of mass-adaptive rows (at the floor) are not entries.
+    real = lp > TEACHER_LOGP_FLOOR
+    log_pk = torch.where(real, lp, torch.zeros_like(lp)).min(dim=-1).values
     tail = log_tail + (1.0 / temperature - 1.0) * log_pk
     return torch.log_softmax(torch.cat([lp / temperature, tail[:, None]], dim=-1), dim=-1)
 

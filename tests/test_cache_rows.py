@@ -64,7 +64,7 @@ def test_rows_round_trip_within_bounds_with_the_exact_tail(name, epsilon, data):
     assert d.ids.shape == d.logprobs.shape == (rows, k) and d.logprobs.dtype == np.float32
     x = lp.astype(np.float64)
     p = np.exp(x)
-    want_counts = keep_counts(p, epsilon) if epsilon is not None else np.full(rows, k)
+    want_counts = keep_counts(lp, epsilon) if epsilon is not None else np.full(rows, k)
     assert np.array_equal(d.counts, want_counts)
     bound = d.error_bound(enc)
     for r in range(rows):
@@ -93,7 +93,7 @@ def test_keep_counts_is_the_shortest_prefix_covering_one_minus_epsilon():
     _, lp = zipf_topk_rows(rng, 300, 64, 151_936)
     p = np.exp(lp.astype(np.float64))
     for eps in (0.1, 1e-3, 1e-6):
-        counts = keep_counts(p, eps)
+        counts = keep_counts(lp, eps)
         for r in range(len(p)):
             n = next((i + 1 for i in range(64) if p[r, : i + 1].sum() >= 1 - eps), 64)
             assert counts[r] == n
@@ -258,3 +258,36 @@ def test_a_part_stores_its_id_table_and_verify_ties_it_to_the_samples(tmp_path):
     problems = verify_cache(path).problems
     assert {p.check for p in problems} >= {"checksum"}
     assert {p.sample_id for p in problems} == {s.sample_id for s in written}
+
+
+@pytest.mark.parametrize("name", sorted(ENCODINGS))
+def test_rows_far_below_float64_range_keep_a_finite_mass(name):
+    """exp(-800) is 0 even in float64: the row mass is computed relative to the row's top entry."""
+    lp = np.array([[-800.0, -800.5, -801.0, -900.0]], np.float32)
+    ids = np.array([[5, 6, 7, 8]], np.uint32)
+    enc, table = get_encoding(name), IdTable.from_ids(ids)
+    stored = encode_rows(ids, lp, enc, epsilon=1e-3, exact_mass=True, id_table=table)
+    assert stored["topk_counts"].tolist() == [4]
+    want = -800 + np.log(1 + np.exp(-0.5) + np.exp(-1.0) + np.exp(-100.0))
+    assert stored["topk_logmass"][0] == pytest.approx(want, rel=1e-6)
+    d = decode_rows(stored, enc, 4, VOCAB, id_table=table)
+    assert np.isfinite(d.logprobs).all() and d.tail[0] == 1.0
+
+
+@pytest.mark.parametrize("encoding, epsilon", [("fp16", 0.01), ("qlog8", None), ("qsqrt5", 0.01)])
+def test_rows_summing_a_little_above_one_verify_clean(tmp_path, encoding, epsilon):
+    """Float error in the teacher's log-softmax may put a row's sum at 1 + 1e-3 (the writer's tolerance):
+    its stored mass is clamped to 1 (tail 0) and verify accepts it. (With fp16 the values' rounding bound,
+    ~3e-4 here, is smaller than the clamp.)"""
+    path = str(tmp_path / "c.zarr")
+    store = CacheStore.create_or_open(path, example_root_meta(k=2, vocab_size=VOCAB, num_shards=1,
+                                                              encoding=encoding, mass_epsilon=epsilon))
+    probs = np.array([0.5009, 0.5])
+    with store.open_part_writer(0, "test") as w:
+        w.add(SampleRows(sample_id="over", input_ids=np.arange(2), loss_mask=np.array([False, True]),
+                         prompt_ids=np.arange(1), positions=np.array([0]), topk_ids=np.array([[1, 2]]),
+                         topk_logprobs=np.log(probs)[None].astype(np.float32)))
+    report = verify_cache(path)
+    assert report.ok, [str(p) for p in report.problems]
+    s = CacheReader(path)[0]
+    assert s.tail_mass[0] == 0.0 and np.exp(s.topk_logprobs.astype(np.float64)).sum() == pytest.approx(1, abs=1e-6)

@@ -174,3 +174,18 @@ def test_unknown_kind_and_bad_shapes():
         kl_from_logprobs(logp, logp, kind="jsd")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="topk_ids"):
         student_topk_logprobs(hidden, weight, ids[:-1], chunk=4)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 2.0])
+def test_padding_of_mass_adaptive_rows_does_not_change_the_buckets(temperature):
+    """Mass-adaptive K rows are padded to K with floor log-probs: the K-th real entry sets the tail."""
+    from stage2_student.losses import TEACHER_LOGP_FLOOR, teacher_buckets
+
+    gen = torch.Generator().manual_seed(3)
+    lp = torch.log_softmax(torch.randn(5, 12, generator=gen) * 3, dim=-1).sort(dim=-1, descending=True).values[:, :6]
+    padded = torch.cat([lp, torch.full((5, 4), -1e30)], dim=-1)
+    a = teacher_buckets(lp, temperature)
+    b = teacher_buckets(padded, temperature)
+    torch.testing.assert_close(b[:, :6], a[:, :6])
+    torch.testing.assert_close(b[:, -1], a[:, -1])
+    assert torch.all(b[:, 6:10].exp() < 1e-30) and TEACHER_LOGP_FLOOR < 0
