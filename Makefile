@@ -51,6 +51,7 @@ test: models
 
 bench: models
 	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m cache_schema.bench_encodings --rows 200000 --teacher-cache $(DEMO_CACHE)
 
 clean:
 	rm -rf runs/demo
