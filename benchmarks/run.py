@@ -95,7 +95,8 @@ def goal(ok: bool) -> str:
 
 def spread(values: list[float], fmt: str = "{:.2f}") -> str:
     """'median (min-max, n=N)'."""
-    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}–{fmt.format(max(values))}, n={len(values)})"
+    med, lo, hi = (fmt.format(x) for x in (statistics.median(values), min(values), max(values)))
+    return f"{med} ({lo}–{hi}, n={len(values)})"
 
 
 def machine_md(m: dict, argv: list[str]) -> str:
@@ -144,8 +145,8 @@ def stage1_md(r: dict) -> str:
         f"(median of {s['host_reps']}); per token = per token sent to the engine.",
         "",
         table(
-            ["positions", "tokens", "rows", "µs/token total", "flat_to_topk µs/token", "SampleRows + writer µs/token",
-             "µs/row", "goal ≤ 10 µs/token"],
+            ["positions", "tokens", "rows", "µs/token total", "flat_to_topk µs/token",
+             "SampleRows + writer µs/token", "µs/row", "goal ≤ 10 µs/token"],
             [[h["positions"], f"{h['tokens']:,}", f"{h['rows']:,}", f"{h['us_per_token']:.2f}",
               f"{h['convert_us_per_token']:.2f}", f"{h['writer_us_per_token']:.2f}", f"{h['us_per_row']:.1f}",
               goal(h["us_per_token"] <= 10)] for h in r["host"]],
@@ -165,7 +166,8 @@ def stage2_md(r: dict) -> str:
                  for f in loss["extrapolated"]]  # fmt: skip
     comparisons = [
         [f"peak memory {name(f)} / naive at R={f['rows']:,} (extrapolated)",
-         f"{f['ratio_to_naive']:.3f} (1/{1 / f['ratio_to_naive']:.1f})", f"≤ 1/8: {goal(f['ratio_to_naive'] <= 1 / 8)}"]
+         f"{f['ratio_to_naive']:.3f} (1/{1 / f['ratio_to_naive']:.1f})",
+         f"≤ 1/8: {goal(f['ratio_to_naive'] <= 1 / 8)}"]
         for f in loss["extrapolated"] if f["variant"] == "chunked"
     ]  # fmt: skip
     t = loss["time"]
