@@ -14,7 +14,7 @@ import numpy as np
 
 from cache_schema.inspect import inspect_cache
 from cache_schema.reader import CacheReader
-from cache_schema.synthetic import example_root_meta, synthetic_sample
+from cache_schema.synthetic import example_root_meta, synthetic_samples
 from cache_schema.writer import CacheStore
 
 
@@ -22,13 +22,7 @@ def bench(path: str, *, rows: int = 200_000, k: int = 128, vocab_size: int = 151
           encoding: str = "fp16", mass_epsilon: float | None = None) -> dict:
     """Write one part of about `rows` rows at `path` (a new cache), read it back sequentially and in random
     order; rates exclude generating the data. (`cache_schema.bench_encodings` compares every encoding.)"""
-    rng = np.random.default_rng(seed)
-    samples, total = [], 0
-    while total < rows:
-        s = synthetic_sample(rng, f"traj-{len(samples)}", n_tokens=int(rng.integers(2_000, 12_000)), k=k,
-                             vocab_size=vocab_size)
-        samples.append(s)
-        total += len(s.positions)
+    samples = synthetic_samples(rows, k, vocab_size, seed)
     store = CacheStore.create_or_open(path, example_root_meta(k=k, vocab_size=vocab_size, num_shards=1,
                                                               encoding=encoding, mass_epsilon=mass_epsilon))
     t0 = time.perf_counter()
@@ -45,7 +39,7 @@ def bench(path: str, *, rows: int = 200_000, k: int = 128, vocab_size: int = 151
         return time.perf_counter() - t
 
     seq_s = read(range(len(samples)))
-    rand_s = read(rng.permutation(len(samples)))
+    rand_s = read(np.random.default_rng(seed).permutation(len(samples)))
     info = inspect_cache(path)
     return {
         "k": k, "encoding": encoding, "mass_epsilon": mass_epsilon, "samples": len(samples), "rows": total,

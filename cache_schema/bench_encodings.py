@@ -37,7 +37,7 @@ from cache_schema.encoding import ENCODINGS, QuantisedLogEncoding, get_encoding
 from cache_schema.inspect import inspect_cache
 from cache_schema.layout import SampleRows
 from cache_schema.reader import CacheReader
-from cache_schema.synthetic import example_root_meta, synthetic_sample
+from cache_schema.synthetic import example_root_meta, synthetic_samples
 from cache_schema.writer import CacheStore
 from common.errors import UserError
 
@@ -59,18 +59,6 @@ class Result:
     max_err: float
     write_us_per_row: float
     read_rows_per_s: float
-
-
-def synthetic_samples(rows: int, k: int, vocab_size: int, seed: int = 0) -> list[SampleRows]:
-    """Samples of 2k-12k tokens (a quarter of them assistant tokens) until `rows` rows."""
-    rng = np.random.default_rng(seed)
-    samples, total = [], 0
-    while total < rows:
-        s = synthetic_sample(rng, f"traj-{len(samples)}", n_tokens=int(rng.integers(2_000, 12_000)), k=k,
-                             vocab_size=vocab_size)
-        samples.append(s)
-        total += len(s.positions)
-    return samples
 
 
 def teacher_samples(path: str, rows: int) -> tuple[list[SampleRows], int, int]:

@@ -73,3 +73,15 @@ def example_root_meta(*, k: int = 8, vocab_size: int = 1000, num_shards: int = 2
     )
     fields.update(overrides)
     return RootMeta(**fields)
+
+
+def synthetic_samples(rows: int, k: int, vocab_size: int, seed: int = 0) -> list[SampleRows]:
+    """Samples of 2k-12k tokens (a quarter of them assistant tokens) until `rows` rows."""
+    rng = np.random.default_rng(seed)
+    samples, total = [], 0
+    while total < rows:
+        s = synthetic_sample(rng, f"traj-{len(samples)}", n_tokens=int(rng.integers(2_000, 12_000)), k=k,
+                             vocab_size=vocab_size)
+        samples.append(s)
+        total += len(s.positions)
+    return samples
