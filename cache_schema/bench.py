@@ -23,6 +23,7 @@ def bench(path: str, *, rows: int = 200_000, k: int = 128, vocab_size: int = 151
     """Write one part of about `rows` rows at `path` (a new cache), read it back sequentially and in random
     order; rates exclude generating the data. (`cache_schema.bench_encodings` compares every encoding.)"""
     samples = synthetic_samples(rows, k, vocab_size, seed)
+    total = sum(len(s.positions) for s in samples)
     store = CacheStore.create_or_open(path, example_root_meta(k=k, vocab_size=vocab_size, num_shards=1,
                                                               encoding=encoding, mass_epsilon=mass_epsilon))
     t0 = time.perf_counter()
