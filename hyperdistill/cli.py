@@ -29,7 +29,42 @@ def _load(config_path: str, overrides: tuple[str, ...]):
     return load_config(config_path, overrides)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class LazyGroup(click.Group):
+    """A group whose subcommands from heavy modules (torch, zarr) are imported only when one of them runs:
+    `hyperdistill --help` lists them with the short help given here (a test checks it matches theirs)."""
+
+    LAZY = {
+        "cache": ("cache_schema.cli", "cache",
+                  "Inspect, verify and look into a logit cache (a local path or an fsspec URL)."),
+        "export-lora": ("stage2_student.export", "export_lora_cmd",
+                        "Run the trained hypernetwork on task prompts and write standard PEFT LoRA adapters."),
+        "plan": ("hyperdistill.plan", "plan_cmd",
+                 "Plan a run on paper: memory per GPU, work, cache size and hours per stage."),
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.LAZY])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.LAZY:
+            import importlib
+
+            module, attr, _ = self.LAZY[name]
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from click.utils import make_default_short_help
+
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(map(len, names))  # as click.Group lays it out
+        rows = [(name, make_default_short_help(self.LAZY[name][2], limit) if name in self.LAZY
+                 else self.commands[name].get_short_help_str(limit)) for name in names]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def main() -> None:
     """hyperdistill: distil a coding-agent teacher into a hybrid student through a hypernetwork that
     writes per-task LoRA weights.
@@ -155,14 +190,3 @@ def param_count_cmd(config_path: str, overrides: tuple[str, ...]) -> None:
         click.echo(f"{key:>28}: {value:,}" if isinstance(value, int) else f"{key:>28}: {value}")
 
 
-def _register_subcommands() -> None:
-    from cache_schema.cli import cache
-    from hyperdistill.plan import plan_cmd
-    from stage2_student.export import export_lora_cmd
-
-    main.add_command(cache)
-    main.add_command(export_lora_cmd)
-    main.add_command(plan_cmd)
-
-
-_register_subcommands()
