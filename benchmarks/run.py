@@ -2,6 +2,8 @@
 
     python -m benchmarks.run                    # everything (about 8 minutes on 2 CPU cores)
     python -m benchmarks.run --only stage1      # or stage2
+    python -m benchmarks.run --only teach       # "does it still teach?" (issue 6, item 6; ~20 minutes; not in
+                                                # the default run, which it would triple: `make bench-teach`)
     python -m benchmarks.run --quick            # smaller sizes, fewer repeats: a smoke run (about 4 minutes)
     python -m benchmarks.run --json results.json
 
@@ -208,10 +210,16 @@ def stage2_md(r: dict) -> str:
     return "\n".join(lines)
 
 
+def teach_md(r: dict) -> str:
+    from benchmarks.teach import table_md
+
+    return "\n".join(["### Does it still teach? Held-out full-vocabulary KL after the same budget", "", table_md(r)])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["stage1", "stage2"], help="run one stage's benchmarks")
+    parser.add_argument("--only", choices=["stage1", "stage2", "teach"], help="run one stage's benchmarks")
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (a smoke run)")
     parser.add_argument("--json", dest="json_path", help="also write every raw result to this file")
     args = parser.parse_args(argv)
@@ -231,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         sections += ["", stage1_md(results["stage1"])]
     if "stage2" in results:
         sections += ["", stage2_md(results["stage2"])]
+    if "teach" in results:
+        sections += ["", teach_md(results["teach"])]
     print("\n".join(sections))
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(results, indent=2) + "\n")

@@ -6,8 +6,8 @@ reads with `CacheReader`; `verify_cache` and `inspect_cache` check and describe 
 from cache_schema.encoding import ENCODINGS, Encoding, Fp16Encoding, QuantisedLogEncoding, get_encoding
 from cache_schema.inspect import cache_stats, inspect_cache, show_sample
 from cache_schema.layout import (
-    PAD_LOGPROB, SCHEMA_VERSION, CacheSample, DatasetMeta, PartMeta, RootMeta, SampleRows, TeacherMeta, TokenizerMeta,
-    config_hash, sample_checksum, stored_positions, tail_mass,
+    PAD_LOGPROB, SCHEMA_VERSION, CacheSample, DatasetMeta, PartMeta, RootMeta, SampleRows, SamplingMeta, TeacherMeta,
+    TokenizerMeta, config_hash, sample_checksum, stored_positions, tail_mass,
 )
 from cache_schema.lease import LeaseLost, PartBusy, PartLease
 from cache_schema.reader import CacheCorrupt, CacheReader
@@ -34,6 +34,7 @@ __all__ = [
     "QuantisedLogEncoding",
     "RootMeta",
     "SampleRows",
+    "SamplingMeta",
     "TeacherMeta",
     "TokenizerMeta",
     "VerifyReport",

@@ -45,7 +45,8 @@ def cache() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @reports_user_errors
 def inspect_cmd(path: str, as_json: bool) -> None:
-    """Teacher, K, encoding, samples / tokens / rows, parts complete, bytes on disk, bytes per row and
+    """Teacher, rows kind (top-K or sampled: draws, support, tail-draw fraction), K, encoding, samples /
+    tokens / rows, parts complete, bytes on disk, bytes per row, entries (distinct ids) per row and
     compression ratio of the cache at PATH."""
     info = inspect_cache(path)
     if as_json:

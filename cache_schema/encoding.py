@@ -61,8 +61,9 @@ class Encoding(ABC):
         -> codes of `dtype`, same shape."""
 
     @abstractmethod
-    def decode(self, codes: np.ndarray) -> np.ndarray:
-        """Codes (any integer dtype for the q encodings) -> float32 log-probs, same shape."""
+    def decode(self, codes: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Codes (any integer dtype for the q encodings) -> float32 log-probs, same shape (into `out` if
+        given: a float32 array of that shape)."""
 
     @abstractmethod
     def bin_halfwidth(self, codes: np.ndarray) -> np.ndarray:
@@ -91,8 +92,11 @@ class Fp16Encoding(Encoding):
     def encode(self, logprobs: np.ndarray) -> np.ndarray:
         return np.minimum(logprobs, 0.0, dtype=np.float32).astype(np.float16)
 
-    def decode(self, codes: np.ndarray) -> np.ndarray:
-        return codes.astype(np.float32)
+    def decode(self, codes: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        if out is None:
+            return codes.astype(np.float32)
+        np.copyto(out, codes)  # float16 -> float32 is exact
+        return out
 
     def bin_halfwidth(self, codes: np.ndarray) -> np.ndarray:
         return self.error_bound(codes.astype(np.float32))
@@ -181,11 +185,14 @@ class QuantisedLogEncoding(Encoding):
         u = -np.minimum(np.asarray(logprobs, dtype=np.float64), 0.0)
         return np.rint(self._code(u)).astype(self.dtype)
 
-    def decode(self, codes: np.ndarray) -> np.ndarray:
+    def decode(self, codes: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         codes = np.asarray(codes)
         if self.uniform:  # exact: codes * step is representable in float32 for every code up to max_code
-            return codes.astype(np.float32) * np.float32(-self.step)
-        return self._tables[1][np.minimum(codes, self.max_code)]
+            if out is None:
+                out = np.empty(codes.shape, dtype=np.float32)
+            np.copyto(out, codes, casting="unsafe")  # int -> float32, then a power of two: one rounding
+            return np.multiply(out, np.float32(-self.step), out=out)
+        return np.take(self._tables[1], np.minimum(codes, self.max_code), out=out)
 
     def bin_halfwidth(self, codes: np.ndarray) -> np.ndarray:
         codes = np.asarray(codes)

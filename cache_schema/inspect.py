@@ -10,8 +10,8 @@ import numpy as np
 import zarr
 
 from cache_schema.layout import (
-    ID_TABLE, PARTS_GROUP, ROW_OFFSETS, SAMPLE_IDS, TOPK_COUNTS, TOPK_IDS, TOPK_LOGMASS, TOPK_LOGPROBS, PartMeta,
-    part_path,
+    DRAW_COUNTS, ID_TABLE, PARTS_GROUP, ROW_OFFSETS, SAMPLE_IDS, TOPK_COUNTS, TOPK_IDS, TOPK_LOGMASS, TOPK_LOGPROBS,
+    PartMeta, part_path,
 )
 from cache_schema.reader import CacheReader
 from cache_schema.storage import CacheLocation, open_root, part_status
@@ -24,14 +24,16 @@ def inspect_cache(path: str, *, storage_options: dict | None = None) -> dict[str
     """Summary of a cache. Counts and sizes per row cover complete parts only: `bytes_per_row` = all their
     files / stored rows, `topk_bytes_per_row` = the top-K arrays only (topk_ids, topk_logprobs and, where the
     layout has them, topk_counts, topk_logmass and id_table); `entries_per_row` = stored top-K entries / rows (K unless
-    mass-adaptive); `decoded_bytes` = their
+    mass-adaptive; for sampled rows the mean distinct ids per row); `decoded_bytes` = their
     numeric arrays once decompressed (stored dtypes), `compression_ratio` = decoded_bytes / those arrays'
-    bytes on disk. `bytes_on_disk` is the whole store, incomplete parts included."""
+    bytes on disk. `bytes_on_disk` is the whole store, incomplete parts included. `rows_kind` is 'topk' or
+    'sampled'; sampled caches add `draws`, `support` and `tail_draw_fraction` (draws outside the engine's
+    top-K / all draws)."""
     location = CacheLocation(path, storage_options)
     root, meta = open_root(location)
     statuses = {s: part_status(root, s) for s in range(meta.num_shards)}
     totals = {"samples": 0, "tokens": 0, "prompt_tokens": 0, "rows": 0}
-    decoded = entries = 0
+    decoded = entries = drawn = 0
     for shard, status in statuses.items():
         if status != "complete":
             continue
@@ -44,6 +46,8 @@ def inspect_cache(path: str, *, storage_options: dict | None = None) -> dict[str
         arrays = dict(group.arrays())
         decoded += sum(a.nbytes for name, a in arrays.items() if name != SAMPLE_IDS)
         entries += arrays[TOPK_IDS].size
+        if meta.sampled is not None:
+            drawn += int(arrays[DRAW_COUNTS][:].sum(dtype=np.int64))
     sizes = location.file_sizes()
     complete = {f"{s:05d}" for s, v in statuses.items() if v == "complete"}
     by_array: dict[str, int] = {}
@@ -55,12 +59,19 @@ def inspect_cache(path: str, *, storage_options: dict | None = None) -> dict[str
             if len(parts) >= 4 and parts[2] != SAMPLE_IDS:
                 by_array[parts[2]] = by_array.get(parts[2], 0) + size
     rows = totals["rows"]
-    topk = sum(by_array.get(name, 0) for name in (TOPK_IDS, TOPK_LOGPROBS, TOPK_COUNTS, TOPK_LOGMASS, ID_TABLE))
+    topk = sum(by_array.get(name, 0)
+               for name in (TOPK_IDS, TOPK_LOGPROBS, TOPK_COUNTS, TOPK_LOGMASS, ID_TABLE, DRAW_COUNTS))
+    sampling = meta.sampled
+    kind: dict[str, Any] = {"rows_kind": "topk" if sampling is None else "sampled"}
+    if sampling is not None:
+        kind.update(draws=sampling.draws, support=sampling.support,
+                    tail_draw_fraction=1 - drawn / (rows * sampling.draws) if rows else None)
     return {
         "path": location.path,
         "schema_version": meta.schema_version,
         "teacher": meta.teacher.to_dict(),
         "tokenizer": meta.tokenizer.name,
+        **kind,
         "k": meta.k,
         "encoding": meta.encoding,
         "mass_epsilon": meta.mass_epsilon,
@@ -133,12 +144,23 @@ def show_sample(path: str, sample: str | int, pos: tuple[int, int] | None = None
     else:
         a, b = pos
         rows = np.flatnonzero((s.positions >= a) & (s.positions < b))
-    top = min(top, reader.meta.k)
+    sampling = reader.meta.sampled
+    top = min(top, reader.meta.row_width)
+    if sampling is None:
+        kind = f"K={reader.meta.k}"
+        header = f"{'t':>6}  {'next token':<22} {'p(next)':>8} {'rank':>5} {'tail':>7}  top-{top}"
+    else:
+        kind = f"sampled rows: N={sampling.draws} draws, support {sampling.support}"
+        header = (f"{'t':>6}  {'next token':<22} {'w(next)':>8} {'rank':>5} {'tail':>7}  "
+                  f"{top} most drawn: count x, w = count/N")
     lines = [
         f"sample {s.sample_id!r} (index {index}, part {shard:05d}): {len(s.input_ids)} tokens, "
-        f"{len(s.prompt_ids)} prompt tokens, {len(s.positions)} rows, K={reader.meta.k}",
-        "row at t = the teacher's distribution over token t+1; 'p(next)' and 'rank' are for the actual token t+1",
-        f"{'t':>6}  {'next token':<22} {'p(next)':>8} {'rank':>5} {'tail':>7}  top-{top}",
+        f"{len(s.prompt_ids)} prompt tokens, {len(s.positions)} rows, {kind}",
+        "row at t = the teacher's distribution over token t+1; 'p(next)' and 'rank' are for the actual token t+1"
+        if sampling is None else
+        "row at t = N draws from the teacher's distribution over token t+1; 'w(next)' = the actual token's draws / N,"
+        " 'tail' = draws outside the top-K / N",
+        header,
     ]
     for r in rows:
         t = int(s.positions[r])
@@ -146,8 +168,13 @@ def show_sample(path: str, sample: str | int, pos: tuple[int, int] | None = None
         n = int(s.topk_counts[r])
         ids, probs = s.topk_ids[r, :n], np.exp(s.topk_logprobs[r, :n])
         hit = np.flatnonzero(ids == nxt)
-        p_next, rank = (f"{probs[hit[0]]:.4f}", str(int(hit[0]) + 1)) if hit.size else ("tail", ">K")
-        tops = "  ".join(f"{_token_text(tok, ids[i])} {probs[i]:.3f}" for i in range(min(top, n)))
+        if sampling is None:
+            p_next, rank = (f"{probs[hit[0]]:.4f}", str(int(hit[0]) + 1)) if hit.size else ("tail", ">K")
+            tops = "  ".join(f"{_token_text(tok, ids[i])} {probs[i]:.3f}" for i in range(min(top, n)))
+        else:
+            p_next, rank = (f"{probs[hit[0]]:.4f}", str(int(hit[0]) + 1)) if hit.size else ("0", "-")
+            drawn = np.rint(probs * sampling.draws).astype(int)  # w = count / N exactly, up to float32
+            tops = "  ".join(f"{_token_text(tok, ids[i])} {drawn[i]}x w={probs[i]:.3f}" for i in range(min(top, n)))
         lines.append(f"{t:>6}  {_token_text(tok, nxt):<22} {p_next:>8} {rank:>5} {s.tail_mass[r]:>7.4f}  {tops}")
     more = pos is None and len(rows) < len(s.positions)
     hint = "; use pos=(a, b) / --pos A:B for others" if more else ""

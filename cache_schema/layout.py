@@ -7,7 +7,7 @@ Store layout::
     cache.zarr/
       zarr.json                 root attrs: RootMeta (schema_version, k, encoding, mass_epsilon, positions,
                                 teacher, tokenizer, chat_template_fingerprint, vocab_size, dataset, num_shards,
-                                config)
+                                config, sampled)
       parts/00017/              one group per shard, written by exactly one process (see lease.py)
         zarr.json               attrs: PartMeta; `complete` becomes true in the very last write
         writer.lease            the writer's lease while it runs (not a Zarr node)
@@ -31,6 +31,13 @@ Store layout::
         topk_counts     (R,)    uint32   entries kept in each row
         topk_ids        (E,)    uint32   the rows' entries one after another (E = sum of topk_counts)
         topk_logprobs   (E,)    encoded
+      with sampled rows (RS-KD, RootMeta.sampled set; no topk_logprobs, topk_logmass or id_table):
+        entry_offsets   (n+1,)  int64    into topk_ids / draw_counts
+        topk_counts     (R,)    uint32   distinct drawn ids in each row (0..N)
+        topk_ids        (E,)    uint32   each row's distinct drawn ids, by descending draw count, ties by
+                                         ascending id
+        draw_counts     (E,)    uint16   how often each was drawn (>= 1; a row's counts sum to <= N)
+      Checksums are SHA-256 in every layout but the original one (fp16 at fixed K).
 
 Position convention: the row stored for position t holds the teacher's distribution over token t+1
 given tokens 0..t (the logits read at position t predict the next token). So t < T-1 always, and
@@ -56,6 +63,21 @@ Row conventions (what `CacheSample` hands to training, whatever the encoding):
   (The student's probability on the padding ids sits in those zero buckets, not in its tail bucket, so a
   forward KL pushes it to 0: free for ids no model predicts, which the top of a padded vocabulary is: at
   K=128 the padding ids of the 151,936-row Qwen vocabulary are 151808..151935, all embedding padding.)
+
+Sampled rows (RS-KD: Anshumann et al. 2025, "Sparse Logit Sampling"), SamplingMeta(draws=N, seed, support_k):
+- Stage 1 draws N tokens per row with replacement from the teacher's distribution p at temperature 1 (by
+  inverse CDF with uniforms made per sample from (seed, sample id), so runs repeat exactly) and stores the
+  distinct ids with their counts c_i. The training target is the empirical distribution w_i = c_i / N:
+  E[w_i] = p_i, so -sum_i w_i log s_i (the student's softmax s over the full vocabulary) has the expected
+  value and gradient of the cross-entropy CE(p, s): unbiased, where a top-K target is not.
+- Tail draws: with support 'full' (support_k None, the HF backend) every draw is a token and a row's counts
+  sum to N. With support 'top-K' (vLLM, whose prompt log-probs stop at the top-K) a draw beyond the top-K's
+  mass is only counted, as N - sum of the row's counts.
+- Read back as CacheSample rows of width N (RootMeta.row_width): topk_ids the distinct ids then padding as
+  for mass-adaptive rows, topk_logprobs log(c_i / N) then PAD_LOGPROB, topk_counts the distinct ids,
+  tail_mass the tail draws / N. Stage 2's forward_tail loss at temperature 1 over these entries plus the
+  tail bucket is KL(w || s) = CE(w, s) - H(w): the RS-KD loss (H(w) does not depend on the student).
+- cache.encoding does not apply (counts are stored exactly) and must stay 'fp16'; mass_epsilon must be None.
 
 Every chunk ends with a crc32c (Zarr's crc32c codec), so corrupt bytes raise on read instead of
 returning wrong numbers; the per-sample checksums additionally tie a sample's arrays together.
@@ -96,6 +118,7 @@ TOPK_IDS = "topk_ids"
 TOPK_LOGPROBS = "topk_logprobs"
 TOPK_COUNTS = "topk_counts"
 TOPK_LOGMASS = "topk_logmass"
+DRAW_COUNTS = "draw_counts"
 ID_TABLE = "id_table"
 CHECKSUMS = "checksums"
 
@@ -123,6 +146,7 @@ _FIXED_DTYPES = {
     TOPK_COUNTS: np.dtype(np.uint32),
     TOPK_LOGMASS: np.dtype(np.float32),
     ID_TABLE: np.dtype(np.uint32),
+    DRAW_COUNTS: np.dtype(np.uint16),  # counts <= draws <= 65535
 }
 
 
@@ -139,26 +163,31 @@ class PartArrays:
     k: int
     encoding: str
     ragged: bool
-    """Mass-adaptive K: top-K entries stored flat, with per-row counts."""
+    """Rows stored flat, with per-row counts (mass-adaptive K, and sampled rows)."""
+    sampled: bool = False
+    """Sampled rows (RS-KD): distinct drawn ids with draw_counts instead of log-probs (ragged too)."""
 
     @property
     def exact_mass(self) -> bool:
-        """Rows carry topk_logmass and are renormalised to it on read (all but fp16 without mass_epsilon)."""
-        return self.ragged or get_encoding(self.encoding).delta_coded
+        """Rows carry topk_logmass and are renormalised to it on read (all top-K layouts but fp16 without
+        mass_epsilon)."""
+        return not self.sampled and (self.ragged or get_encoding(self.encoding).delta_coded)
 
     @property
     def id_table(self) -> bool:
         """The part has an id_table (quantised encodings: ids are stored as its symbols, see rows.py)."""
-        return get_encoding(self.encoding).delta_coded
+        return not self.sampled and get_encoding(self.encoding).delta_coded
 
     @property
     def sha256_checksums(self) -> bool:
         """Per-sample checksums are SHA-256 (BLAKE2b in the original layout, see `sample_checksum`)."""
-        return self.exact_mass
+        return self.exact_mass or self.sampled
 
     @property
     def appended(self) -> tuple[str, ...]:
         """Arrays that get a slice per sample, in checksum order."""
+        if self.sampled:
+            return (INPUT_IDS, LOSS_MASK, PROMPT_IDS, POSITIONS, TOPK_IDS, DRAW_COUNTS, TOPK_COUNTS)
         extra = (TOPK_COUNTS,) if self.ragged else ()
         extra += (TOPK_LOGMASS,) if self.exact_mass else ()
         return (INPUT_IDS, LOSS_MASK, PROMPT_IDS, POSITIONS, TOPK_IDS, TOPK_LOGPROBS) + extra
@@ -183,7 +212,7 @@ class PartArrays:
             return TOKEN_OFFSETS
         if name == PROMPT_IDS:
             return PROMPT_OFFSETS
-        if name in (TOPK_IDS, TOPK_LOGPROBS) and self.ragged:
+        if name in (TOPK_IDS, TOPK_LOGPROBS, DRAW_COUNTS) and self.ragged:
             return ENTRY_OFFSETS
         return ROW_OFFSETS
 
@@ -222,10 +251,18 @@ class PartArrays:
         rows: qsqrt5's id symbols (long runs of small in-run steps) with byte shuffle 117 / 123 B/row,
         bitshuffle 130 / 123; qlog8's (mostly raw symbols) with bitshuffle 153 / 165, byte shuffle 156 / 172;
         qsqrt5's codes with bitshuffle 22 / 18, byte shuffle 27 / 23; lz4 8-45% larger; zstd-3 to -6 gained
-        0-5% at a third of the writing speed or less."""
+        0-5% at a third of the writing speed or less.
+        Sampled rows, measured on the demo teacher's HF draws (5013 rows of the bundled sample; distinct ids per
+        row 10.4 / 18.4 / 32.7 at N = 16 / 32 / 64), zstd-1 + byte shuffle over the whole chunk: topk_ids
+        18.6 / 32.1 / 55.5 B/row (bitshuffle 19.9 / 36.7 / 59.3 in default blocks, lz4 + bitshuffle 31.8 /
+        56.8 / 72.0), draw_counts 1.8 / 2.9 / 4.3 (bitshuffle 2.5 / 4.3 / 7.1), topk_counts 0.5 / 0.6 / 0.8
+        (bitshuffle 0.8 / 1.0 / 1.1)."""
         enc = get_encoding(self.encoding)
-        delta_coded = enc.delta_coded
-        if name == TOPK_IDS and delta_coded:
+        delta_coded = enc.delta_coded and not self.sampled
+        if self.sampled and name in (TOPK_IDS, DRAW_COUNTS, TOPK_COUNTS):
+            blosc = BloscCodec(cname=BloscCname.zstd, clevel=1, shuffle=BloscShuffle.shuffle,
+                               blocksize=DEFAULT_CHUNK_BYTES)
+        elif name == TOPK_IDS and delta_coded:
             runs = not getattr(enc, "uniform", True)
             blosc = BloscCodec(cname=BloscCname.zstd, clevel=1,
                                shuffle=BloscShuffle.shuffle if runs else BloscShuffle.bitshuffle,
@@ -246,7 +283,9 @@ class PartArrays:
 
 def part_arrays(meta: RootMeta) -> PartArrays:
     """The arrays of every part of a cache with this root metadata."""
-    return PartArrays(k=meta.k, encoding=meta.encoding, ragged=meta.mass_epsilon is not None)
+    sampled = meta.sampled is not None
+    return PartArrays(k=meta.k, encoding=meta.encoding, ragged=sampled or meta.mass_epsilon is not None,
+                      sampled=sampled)
 
 
 def stored_positions(loss_mask: np.ndarray, mode: str) -> np.ndarray:
@@ -331,10 +370,13 @@ class SampleRows:
     """(P,) integer task prompt token ids."""
     positions: Any
     """(R,) integer, must equal stored_positions(loss_mask, root.positions)."""
-    topk_ids: Any
-    """(R, K) integer, rank order."""
-    topk_logprobs: Any
-    """(R, K) float32 log-probs, non-increasing along K."""
+    topk_ids: Any = None
+    """(R, K) integer, rank order (top-K caches only)."""
+    topk_logprobs: Any = None
+    """(R, K) float32 log-probs, non-increasing along K (top-K caches only)."""
+    draws: Any = None
+    """(R, N) integers in [-1, vocab_size): N draws per row from the teacher's distribution, -1 = a draw
+    outside the teacher's top-K (sampled caches only, instead of topk_ids and topk_logprobs)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -355,9 +397,10 @@ class CacheSample:
     topk_logprobs: np.ndarray
     """(R, K) float32; PAD_LOGPROB past topk_counts"""
     topk_counts: np.ndarray
-    """(R,) int64 real entries per row: K unless the cache is mass-adaptive"""
+    """(R,) int64 real entries per row: K unless the cache is mass-adaptive or sampled"""
     tail_mass: np.ndarray
-    """(R,) float32 probability outside the row's entries, 1 - sum(exp(topk_logprobs)) clipped to [0, 1]"""
+    """(R,) float32 probability outside the row's entries, 1 - sum(exp(topk_logprobs)) clipped to [0, 1]
+    (sampled rows: the fraction of draws outside the teacher's top-K)"""
 
 
 def tail_mass(logprobs: np.ndarray) -> np.ndarray:
@@ -435,6 +478,36 @@ class DatasetMeta(_Meta):
     filter: dict = field(default_factory=dict)
 
 
+MAX_DRAWS = 65535  # draw counts are stored as uint16
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingMeta(_Meta):
+    """Sampled rows (RS-KD): how the draws were made."""
+
+    draws: int
+    """N draws per row, with replacement, from the teacher's distribution at temperature 1."""
+    seed: int
+    """Seed of the per-sample uniforms (stage1_teacher.sampling.sample_uniforms)."""
+    support_k: int | None = None
+    """None: every draw is a token (support 'full', the HF backend resolves draws outside its top-K exactly);
+    an int K: draws outside the engine's top-K are only counted, as the row's tail (support 'top-K', vLLM)."""
+
+    @property
+    def support(self) -> str:
+        """'full' or 'top-<K>'."""
+        return "full" if self.support_k is None else f"top-{self.support_k}"
+
+    def __post_init__(self) -> None:
+        where = "cache root metadata sampled"
+        if not 1 <= self.draws <= MAX_DRAWS:
+            raise UserError(f"{where}: draws must be in [1, {MAX_DRAWS}], got {self.draws}")
+        if self.seed < 0:
+            raise UserError(f"{where}: seed must be >= 0, got {self.seed}")
+        if self.support_k is not None and self.support_k < 1:
+            raise UserError(f"{where}: support_k must be >= 1 or null, got {self.support_k}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class RootMeta(_Meta):
     """The cache's root attributes."""
@@ -454,10 +527,15 @@ class RootMeta(_Meta):
     num_shards: int
     config: dict = field(default_factory=dict)
     """The resolved run config of the run that created the cache."""
+    sampled: SamplingMeta | None = None
+    """Sampled rows (RS-KD) instead of top-K rows; None for a top-K cache."""
 
     def __post_init__(self) -> None:
         where = "cache root metadata"
-        for name, cls in (("teacher", TeacherMeta), ("tokenizer", TokenizerMeta), ("dataset", DatasetMeta)):
+        nested = [("teacher", TeacherMeta), ("tokenizer", TokenizerMeta), ("dataset", DatasetMeta)]
+        if self.sampled is not None:
+            nested.append(("sampled", SamplingMeta))
+        for name, cls in nested:
             value = getattr(self, name)
             if not isinstance(value, cls):  # a plain mapping is accepted and checked like stored metadata
                 object.__setattr__(self, name, cls.from_dict(value, f"{where} {name}"))
@@ -480,6 +558,15 @@ class RootMeta(_Meta):
             raise UserError(f"{where}: k={self.k} exceeds vocab_size={self.vocab_size}")
         if self.num_shards < 1:
             raise UserError(f"{where}: num_shards must be >= 1, got {self.num_shards}")
+        if self.sampled is not None:
+            if self.mass_epsilon is not None:
+                raise UserError(f"{where}: sampled rows and mass_epsilon do not combine")
+            if self.encoding != "fp16":
+                raise UserError(f"{where}: sampled rows store draw counts, not log-probs: encoding must be the "
+                                f"default 'fp16', got {self.encoding!r}")
+            if self.sampled.draws > self.vocab_size:
+                raise UserError(f"{where}: sampled draws={self.sampled.draws} exceeds vocab_size={self.vocab_size} "
+                                "(rows are padded with distinct ids)")
         try:
             json.dumps(self.config)
         except (TypeError, ValueError) as e:
@@ -497,9 +584,15 @@ class RootMeta(_Meta):
             "tokenizer.fingerprint": self.tokenizer.fingerprint,
             "chat_template_fingerprint": self.chat_template_fingerprint,
             "dataset.fingerprint": self.dataset.fingerprint,
+            "sampled": None if self.sampled is None else self.sampled.to_dict(),
         }
         ident.update({f"teacher.{f}": getattr(self.teacher, f) for f in TeacherMeta.IDENTITY})
         return ident
+
+    @property
+    def row_width(self) -> int:
+        """Columns of the rows handed to training: k for top-K caches, the draws N for sampled ones."""
+        return self.k if self.sampled is None else self.sampled.draws
 
     def mismatches(self, other: RootMeta) -> list[tuple[str, Any, Any]]:
         """(field, self's value, other's value) for each identity field that differs."""

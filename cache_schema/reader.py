@@ -22,6 +22,7 @@ from cache_schema.layout import (
     TOKEN_OFFSETS, CacheSample, PartMeta, RootMeta, part_arrays, part_path,
 )
 from cache_schema.rows import DecodedRows, IdTable, decode_rows
+from cache_schema.sampled import decode_sampled
 from cache_schema.storage import CacheLocation, PartStatus, open_root, part_status
 from common.errors import UserError
 
@@ -74,6 +75,8 @@ class PartReader:
         self.layout = part_arrays(meta)
         self.encoding = get_encoding(meta.encoding)
         self.k, self.vocab_size = meta.k, meta.vocab_size
+        self.sampled = meta.sampled
+        self.row_width = meta.row_width
         try:
             group = zarr.open_group(root.store, path=part_path(shard), mode="r")
             attrs = dict(group.attrs)
@@ -179,8 +182,11 @@ class PartReader:
         return out
 
     def decode(self, j: int, stored: dict[str, np.ndarray]) -> DecodedRows:
-        """Sample j's top-K rows decoded from its stored arrays (CacheCorrupt when they do not fit together)."""
+        """Sample j's rows (top-K or sampled) decoded from its stored arrays (CacheCorrupt when they do not fit
+        together)."""
         try:
+            if self.sampled is not None:
+                return decode_sampled(stored, self.sampled.draws, self.row_width, self.vocab_size)
             return decode_rows(stored, self.encoding, self.k, self.vocab_size, id_table=self.id_table)
         except ValueError as e:
             raise CacheCorrupt(f"{self.where} sample {self.sample_ids[j]!r}", str(e)) from None

@@ -21,6 +21,13 @@ Checks, by name:
                                   stored log-probs within their rounding bounds
   mass_epsilon                    [mass-adaptive] a row with fewer than K entries covers >= 1 - eps, and no
                                   row keeps more entries than that needs (both up to the rounding bounds)
+  sampled_counts                  [sampled] every row has 1..N distinct ids (0..N with support top-K) and
+                                  they add up to the stored ids and draw counts
+  draw_counts                     [sampled] draw counts >= 1, summing to <= N per row (== N with support
+                                  full: every draw is a token)
+  draw_order                      [sampled] entries in descending count order, ties by ascending id
+  id_range, duplicate_ids         [sampled] drawn ids < vocab_size, distinct within a row
+                                  (sampled rows skip the log-prob checks: they store counts)
   positions                       positions == stored_positions(loss_mask, positions mode)
   duplicate_sample                a sample id in two places
   manifest_missing                a sample the manifest lists for a shard is not in that shard's part
@@ -38,8 +45,8 @@ import zarr
 from cache_schema.encoding import get_encoding
 from cache_schema.encoding import Encoding
 from cache_schema.layout import (
-    INPUT_IDS, LOSS_MASK, PROB_SUM_TOL, PROMPT_IDS, POSITIONS, TOPK_IDS, TOPK_LOGMASS, TOPK_LOGPROBS, RootMeta,
-    describe_rows, part_arrays, row_violations, sample_checksum, stored_positions,
+    DRAW_COUNTS, INPUT_IDS, LOSS_MASK, PROB_SUM_TOL, PROMPT_IDS, POSITIONS, TOPK_COUNTS, TOPK_IDS, TOPK_LOGMASS,
+    TOPK_LOGPROBS, RootMeta, describe_rows, part_arrays, row_violations, sample_checksum, stored_positions,
 )
 from cache_schema.rows import IdTable, decode_rows
 from cache_schema.reader import DEFAULT_CACHE_BYTES, CacheCorrupt, PartReader, ChunkLRU
@@ -115,7 +122,9 @@ def check_sample(arrays: dict[str, np.ndarray], sample_id: str, stored_checksum:
         out.append(("checksum", "the stored arrays do not match the sample's checksum"))
     enc = get_encoding(meta.encoding)
     positions = arrays[POSITIONS]
-    if layout.exact_mass:
+    if layout.sampled:
+        out.extend(_sampled_rows(arrays, positions, meta))
+    elif layout.exact_mass:
         out.extend(_exact_mass_rows(arrays, positions, meta, enc, id_table))
     else:
         lp = enc.decode(arrays[TOPK_LOGPROBS])
@@ -130,6 +139,36 @@ def check_sample(arrays: dict[str, np.ndarray], sample_id: str, stored_checksum:
         out.append(("positions", f"{len(positions)} rows at positions that differ from stored_positions(loss_mask, "
                                  f"{meta.positions!r}) ({len(expected)} expected)"))
     return out
+
+
+def _sampled_rows(arrays: dict[str, np.ndarray], positions: np.ndarray, meta: RootMeta) -> list[tuple[str, str]]:
+    """Row checks for sampled rows (distinct ids with draw counts)."""
+    n, full = meta.sampled.draws, meta.sampled.support_k is None
+    counts = arrays[TOPK_COUNTS].astype(np.int64)
+    ids, dc = arrays[TOPK_IDS].astype(np.int64), arrays[DRAW_COUNTS].astype(np.int64)
+    low = 1 if full else 0
+    if len(ids) != int(counts.sum()) or len(dc) != len(ids):
+        return [("sampled_counts", f"{len(ids)} ids and {len(dc)} draw counts stored for rows of "
+                                   f"{int(counts.sum())} entries")]
+    row = np.repeat(np.arange(len(counts)), counts)  # (E,) the row of each entry
+    drawn = np.bincount(row, weights=dc, minlength=len(counts))
+    same_row = row[1:] == row[:-1]
+    by_id = np.lexsort((ids, row))
+    checks = [
+        ("sampled_counts", (counts < low) | (counts > n), f"rows with a number of distinct ids outside {low}..{n}"),
+        ("draw_counts", np.bincount(row, weights=dc < 1, minlength=len(counts)) > 0, "draw counts below 1"),
+        ("draw_counts", drawn != n if full else drawn > n,
+         f"draw counts summing {'to other than' if full else 'above'} N={n}"),
+        ("draw_order", np.bincount(row[1:], weights=same_row & ((dc[1:] > dc[:-1]) | ((dc[1:] == dc[:-1])
+                                   & (ids[1:] <= ids[:-1]))), minlength=len(counts)) > 0,
+         "entries not in descending count order (ties by ascending id)"),
+        ("id_range", np.bincount(row, weights=ids >= meta.vocab_size, minlength=len(counts)) > 0,
+         f"drawn ids >= vocab_size {meta.vocab_size}"),
+        ("duplicate_ids", np.bincount(row[by_id][1:], weights=(row[by_id][1:] == row[by_id][:-1])
+                                      & (ids[by_id][1:] == ids[by_id][:-1]), minlength=len(counts)) > 0,
+         "a token id twice in a row"),
+    ]
+    return [(name, describe_rows(bad, positions, what)) for name, bad, what in checks if bad.any()]
 
 
 def _exact_mass_rows(arrays: dict[str, np.ndarray], positions: np.ndarray, meta: RootMeta, enc: Encoding,

@@ -27,13 +27,16 @@ import zarr
 
 from cache_schema.encoding import Encoding, get_encoding
 from cache_schema.layout import (
-    CHECKSUMS, DEFAULT_CHUNK_BYTES, ENTRY_OFFSETS, ID_TABLE, INPUT_IDS, LEASE_FILE, LOGPROB_POSITIVE_TOL, LOSS_MASK,
-    PARTS_GROUP, POSITIONS, PROMPT_IDS, PROMPT_OFFSETS, ROW_OFFSETS, SAMPLE_IDS, TOKEN_OFFSETS, TOPK_IDS, TOPK_LOGPROBS,
+    CHECKSUMS, DEFAULT_CHUNK_BYTES, DRAW_COUNTS, ENTRY_OFFSETS, ID_TABLE, INPUT_IDS, LEASE_FILE, LOGPROB_POSITIVE_TOL,
+    LOSS_MASK,
+    PARTS_GROUP, POSITIONS, PROMPT_IDS, PROMPT_OFFSETS, ROW_OFFSETS, SAMPLE_IDS, TOKEN_OFFSETS, TOPK_COUNTS, TOPK_IDS,
+    TOPK_LOGPROBS,
     PartMeta, RootMeta, SampleRows, config_hash, describe_rows, part_arrays, part_path, row_violations, sample_checksum,
     stored_positions,
 )
 from cache_schema.lease import LEASE_TTL_S, PartLease
 from cache_schema.rows import IdTable, encode_rows
+from cache_schema.sampled import count_draws
 from cache_schema.storage import CacheLocation, PartStatus, open_root, part_status
 from common.errors import UserError
 
@@ -42,6 +45,8 @@ CHUNKS_PER_FLUSH = 4
 # Rows whose top-K ids make a part's id table (quantised encodings): 16 MiB held back at K=128. Ids first
 # seen later are stored escaped (rows.IdTable), which costs a few bytes each.
 ID_TABLE_ROWS = 16384
+# SampleRows' field of a sampled row's draws, and its key among a validated sample's arrays until encoded.
+_DRAWS = "draws"
 
 
 class CacheStore:
@@ -285,9 +290,12 @@ class PartWriter:
 
     def _append(self, sample_id: str, arrays: dict[str, np.ndarray]) -> None:
         """Encode a validated sample's rows and append everything."""
-        arrays.update(encode_rows(arrays[TOPK_IDS], arrays[TOPK_LOGPROBS], self.encoding,
-                                  epsilon=self.meta.mass_epsilon, exact_mass=self.arrays.exact_mass,
-                                  id_table=self._id_table))
+        if self.arrays.sampled:
+            arrays[TOPK_COUNTS], arrays[TOPK_IDS], arrays[DRAW_COUNTS] = count_draws(arrays.pop(_DRAWS))
+        else:
+            arrays.update(encode_rows(arrays[TOPK_IDS], arrays[TOPK_LOGPROBS], self.encoding,
+                                      epsilon=self.meta.mass_epsilon, exact_mass=self.arrays.exact_mass,
+                                      id_table=self._id_table))
         for name, appender in self._appenders.items():
             appender.append(arrays[name])
         self._ids.append(sample_id)
@@ -298,7 +306,7 @@ class PartWriter:
 
     def _validated(self, s: SampleRows) -> dict[str, np.ndarray]:
         """The sample's arrays in their stored dtypes (top-K ids as uint32, log-probs as float32, not yet
-        encoded), after every check the format promises."""
+        encoded; or the draws as int64 under _DRAWS), after every check the format promises."""
         sid = s.sample_id
         where = f"cache {self.store.path} part {self.shard:05d}: sample {sid!r}"
         if not isinstance(sid, str) or not sid:
@@ -339,6 +347,27 @@ class PartWriter:
                 f"({len(positions)} given, {len(expected)} expected; the row at t predicts token t+1, so t < T-1)"
             )
         rows = len(positions)
+        arrays = {
+            INPUT_IDS: input_ids.astype(np.uint32, copy=False),
+            LOSS_MASK: mask,
+            PROMPT_IDS: prompt_ids.astype(np.uint32, copy=False),
+            POSITIONS: positions.astype(np.uint32, copy=False),
+        }
+        given = [name for name in (TOPK_IDS, TOPK_LOGPROBS, _DRAWS) if getattr(s, name) is not None]
+        sampling = self.meta.sampled
+        if sampling is not None:
+            if given != [_DRAWS]:
+                raise UserError(f"{where}: this cache stores sampled rows: give draws (and not topk_ids or "
+                                f"topk_logprobs); got {', '.join(given) or 'none of them'}")
+            draws = integers(_DRAWS, (rows, sampling.draws), token_ids=False)
+            if draws.size and (draws.min() < -1 or draws.max() >= vocab):
+                raise UserError(f"{where}: draws holds values outside [-1, {vocab}): min {draws.min()}, "
+                                f"max {draws.max()}")
+            arrays[_DRAWS] = draws.astype(np.int64, copy=False)
+            return arrays
+        if given != [TOPK_IDS, TOPK_LOGPROBS]:
+            raise UserError(f"{where}: this cache stores top-K rows: give topk_ids and topk_logprobs (and not "
+                            f"draws); got {', '.join(given) or 'none of them'}")
         topk_ids = integers(TOPK_IDS, (rows, k))
         lp = np.asarray(s.topk_logprobs)
         if lp.shape != (rows, k):
@@ -347,14 +376,9 @@ class PartWriter:
             if not np.issubdtype(lp.dtype, np.floating):
                 raise UserError(f"{where}: topk_logprobs must be floating point, got dtype {lp.dtype}")
             self._check_rows(topk_ids, lp.astype(np.float32, copy=False), positions, where)
-        return {
-            INPUT_IDS: input_ids.astype(np.uint32, copy=False),
-            LOSS_MASK: mask,
-            PROMPT_IDS: prompt_ids.astype(np.uint32, copy=False),
-            POSITIONS: positions.astype(np.uint32, copy=False),
-            TOPK_IDS: topk_ids.astype(np.uint32, copy=False),
-            TOPK_LOGPROBS: lp.astype(np.float32, copy=False),
-        }
+        arrays[TOPK_IDS] = topk_ids.astype(np.uint32, copy=False)
+        arrays[TOPK_LOGPROBS] = lp.astype(np.float32, copy=False)
+        return arrays
 
     def _check_rows(self, topk_ids: np.ndarray, lp: np.ndarray, positions: np.ndarray, where: str) -> None:
         too_low = lp.min(axis=1) < self.encoding.min_value

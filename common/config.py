@@ -105,6 +105,12 @@ class CacheConfig:
     """Store rows only where the next token is an assistant token, or everywhere."""
     mass_epsilon: float | None = None
     """Mass-adaptive K: keep per row the fewest top entries covering 1 - epsilon of the probability (<= k)."""
+    rows: Literal["topk", "sampled"] = "topk"
+    """Rows hold the teacher's top-K, or N draws from it (unbiased, RS-KD)."""
+    draws: int = 64
+    """Sampled rows: draws N per row (the row width stage 2 sees)."""
+    sample_seed: int = 0
+    """Sampled rows: seed of the draws (per sample, so runs repeat exactly)."""
 
 
 @dataclass
@@ -188,6 +194,10 @@ class TrainConfig:
     """Stop after this many optimizer steps overall (None = run all phases)."""
     shard_size: int | None = None
     """FSDP shard group size, e.g. GPUs per node; groups replicate across nodes (HSDP). None = all ranks."""
+    online_teacher: bool = False
+    """Distil online from teacher.model loaded in stage 2 (full-vocab KL, small teachers); the cache gives the rows."""
+    eval_teacher: bool = False
+    """Also report held-out full-vocabulary KL to teacher.model loaded in stage 2 (small teachers only)."""
 
 
 @dataclass
@@ -306,6 +316,12 @@ def validate(cfg: RunConfig) -> None:
     """Cross-field checks; raise UserError naming the field."""
     checks = [
         (cfg.cache.k >= 1, "cache.k must be >= 1"),
+        (1 <= cfg.cache.draws <= 65535, "cache.draws must be in [1, 65535]"),
+        (cfg.cache.sample_seed >= 0, "cache.sample_seed must be >= 0"),
+        (cfg.cache.rows != "sampled" or cfg.cache.mass_epsilon is None,
+         "cache.rows=sampled and cache.mass_epsilon do not combine (sampled rows keep every drawn id)"),
+        (cfg.cache.rows != "sampled" or cfg.cache.encoding == "fp16",
+         "cache.encoding does not apply to sampled rows (they store draw counts): leave it at fp16"),
         (cfg.data.num_shards >= 1, "data.num_shards must be >= 1"),
         (0.0 <= cfg.data.heldout_fraction < 1.0, "data.heldout_fraction must be in [0, 1)"),
         (cfg.data.max_tokens > cfg.data.min_tokens, "data.max_tokens must exceed data.min_tokens"),
@@ -321,6 +337,11 @@ def validate(cfg: RunConfig) -> None:
         (cfg.train.batch_size >= 1 and cfg.train.grad_accum >= 1, "train.batch_size and grad_accum must be >= 1"),
         (cfg.train.temperature > 0, "train.temperature must be > 0"),
         (len(cfg.train.phases) >= 1, "train.phases must list at least one phase"),
+        (
+            not cfg.train.online_teacher or cfg.train.loss == "forward_tail",
+            "train.online_teacher trains forward KL over the full vocabulary: set train.loss=forward_tail "
+            "(its top-K form)",
+        ),
     ]
     for ok, msg in checks:
         if not ok:

@@ -4,6 +4,13 @@ Convention (the cache's): the row for stored position t is the teacher's distrib
 given tokens 0..t, as log-softmax over the full vocabulary at temperature 1, its K best entries in rank
 order (best first). A backend returns exactly the rows asked for, in the order asked.
 
+Sampled rows (cache.rows=sampled): the caller also passes uniforms, [R_i, N] per sequence
+(stage1_teacher.sampling.sample_uniforms), and every returned TopK then carries `draws` [R, N]: N tokens
+drawn by inverse CDF from row r's distribution with those uniforms. The HF backend's draws are exact samples
+from the full distribution; vLLM's prompt log-probs give only the top-K, so its draws beyond the top-K's
+mass stay -1 (sampling.TAIL_DRAW) and are stored as tail draws. Both draw the same token wherever vLLM's
+draw is not -1 (up to float rounding at CDF edges).
+
 Backends: `vllm` (production; `stage1_teacher.vllm_backend`) and `hf` (plain transformers forward, the
 reference; `stage1_teacher.hf_backend`). `make_backend` picks one from the teacher config; the heavy
 imports happen there, so importing this module stays cheap.
@@ -26,6 +33,8 @@ class TopK(NamedTuple):
     """uint32 [R, K]: token ids, best first; K distinct ids per row."""
     logprobs: np.ndarray
     """float32 [R, K]: log-probabilities (<= 0), non-increasing along each row."""
+    draws: np.ndarray | None = None
+    """int64 [R, N] when uniforms were given: drawn token ids, -1 for a draw outside the top-K (module doc)."""
 
 
 class TeacherBackend(Protocol):
@@ -34,8 +43,10 @@ class TeacherBackend(Protocol):
     engine_version: str
     """What computed the rows, e.g. 'vllm==0.32.0' (recorded in the cache's metadata)."""
 
-    def score(self, sequences: list[np.ndarray], positions: list[np.ndarray]) -> list[TopK]:
-        """Top-K rows of sequence i at positions[i] (ascending, each < len(sequences[i]) - 1)."""
+    def score(self, sequences: list[np.ndarray], positions: list[np.ndarray],
+              uniforms: list[np.ndarray] | None = None) -> list[TopK]:
+        """Top-K rows of sequence i at positions[i] (ascending, each < len(sequences[i]) - 1); with
+        uniforms ([len(positions[i]), N] float64 in [0, 1) per sequence) also the rows' draws."""
         ...
 
     def close(self) -> None:
@@ -78,8 +89,29 @@ def check_request(
     return checked
 
 
-def empty_topk(k: int) -> TopK:
-    return TopK(np.zeros((0, k), dtype=np.uint32), np.zeros((0, k), dtype=np.float32))
+def check_uniforms(uniforms: list[np.ndarray] | None, positions: list[np.ndarray]) -> list[np.ndarray] | None:
+    """Validate score()'s uniforms against the checked positions: one [R_i, N] array per sequence, the same N
+    for all, values in [0, 1); returned as float64 arrays."""
+    if uniforms is None:
+        return None
+    if len(uniforms) != len(positions):
+        raise ValueError(f"score(): {len(positions)} position arrays but {len(uniforms)} uniform arrays")
+    checked = []
+    for i, (u, pos) in enumerate(zip(uniforms, positions)):
+        u = np.asarray(u, dtype=np.float64)
+        if u.ndim != 2 or u.shape[0] != len(pos) or (checked and u.shape[1] != checked[0].shape[1]):
+            raise ValueError(f"score(): sequence {i}: uniforms must be [{len(pos)}, N] with one N for all, "
+                             f"got {u.shape}")
+        if u.size and (u.min() < 0 or u.max() >= 1):
+            raise ValueError(f"score(): sequence {i}: uniforms must lie in [0, 1)")
+        checked.append(u)
+    return checked
+
+
+def empty_topk(k: int, draws: int | None = None) -> TopK:
+    """No rows; with `draws` N, an empty [0, N] draws array too."""
+    return TopK(np.zeros((0, k), dtype=np.uint32), np.zeros((0, k), dtype=np.float32),
+                None if draws is None else np.zeros((0, draws), dtype=np.int64))
 
 
 def make_backend(teacher_cfg: TeacherConfig, model_path: str, k: int) -> TeacherBackend:

@@ -6,6 +6,9 @@ resumable job that fills exactly one cache part:
     hyperdistill teacher-cache                                  # every shard, num_engines local workers
 A complete part is skipped; an incomplete one (a killed job) is rewritten from scratch; a part leased
 by another live process is left to it (a double launch corrupts nothing).
+
+With cache.rows=sampled, each sample's uniforms come from (cache.sample_seed, its id) and the parts hold
+N draws per row from the teacher's distribution instead of its top-K (stage1_teacher.sampling).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from common.manifest import dataset_fingerprint, load_shard_samples
 from common.models import load_tokenizer, resolve_model
 from common.tokenizer import chat_template_fingerprint, tokenizer_fingerprint
 from stage1_teacher.backend import make_backend
+from stage1_teacher.sampling import sample_uniforms
 
 log = logging.getLogger("hyperdistill.stage1")
 
@@ -92,14 +96,25 @@ def root_meta(cfg: RunConfig, tokenizer, engine_version: str) -> RootMeta:
         },
         num_shards=cfg.data.num_shards,
         config=to_dict(cfg),
+        sampled=_sampling_meta(cfg),
     )
+
+
+def _sampling_meta(cfg: RunConfig) -> dict | None:
+    """SamplingMeta of a sampled cache: the HF backend resolves every draw (support 'full'); vLLM's draws
+    beyond its top-K stay tail draws (support 'top-K')."""
+    if cfg.cache.rows != "sampled":
+        return None
+    return {"draws": cfg.cache.draws, "seed": cfg.cache.sample_seed,
+            "support_k": None if cfg.teacher.backend == "hf" else cfg.cache.k}
 
 
 def _vocab_rows(cfg: RunConfig) -> int:
     from transformers import AutoConfig
 
     path = resolve_model(cfg.teacher.model, cfg.teacher.revision)
-    return AutoConfig.from_pretrained(path, revision=cfg.teacher.revision, trust_remote_code=cfg.teacher.trust_remote_code).vocab_size
+    trc = cfg.teacher.trust_remote_code
+    return AutoConfig.from_pretrained(path, revision=cfg.teacher.revision, trust_remote_code=trc).vocab_size
 
 
 def token_batches(samples, batch_tokens: int):
@@ -124,16 +139,22 @@ def run_shard(cfg: RunConfig, shard: int, store: CacheStore, backend, tokenizer,
     t_start = time.perf_counter()
     samples = load_shard_samples(cfg, tokenizer, shard)
     n_tokens = sum(len(s.input_ids) for s in samples)
+    sampled = cfg.cache.rows == "sampled"
     t_engine = 0.0
     with store.open_part_writer(shard, owner=owner) as part, tqdm(
         total=n_tokens, unit="tok", unit_scale=True, desc=f"shard {shard:05d}", dynamic_ncols=True, mininterval=1.0
     ) as bar:
         for batch in token_batches(samples, cfg.teacher.batch_tokens):
             positions = [stored_positions(s.loss_mask, cfg.cache.positions) for s in batch]
+            request = ([s.input_ids for s in batch], positions)
+            if sampled:
+                request += ([sample_uniforms(cfg.cache.sample_seed, s.sample_id, len(pos), cfg.cache.draws)
+                             for s, pos in zip(batch, positions)],)
             t0 = time.perf_counter()
-            topk = backend.score([s.input_ids for s in batch], positions)
+            topk = backend.score(*request)
             t_engine += time.perf_counter() - t0
-            for s, pos, (ids, logprobs) in zip(batch, positions, topk):
+            for s, pos, rows in zip(batch, positions, topk):
+                teacher = {"draws": rows.draws} if sampled else {"topk_ids": rows.ids, "topk_logprobs": rows.logprobs}
                 part.add(
                     SampleRows(
                         sample_id=s.sample_id,
@@ -141,8 +162,7 @@ def run_shard(cfg: RunConfig, shard: int, store: CacheStore, backend, tokenizer,
                         loss_mask=s.loss_mask,
                         prompt_ids=s.prompt_ids,
                         positions=pos,
-                        topk_ids=ids,
-                        topk_logprobs=logprobs,
+                        **teacher,
                     )
                 )
                 summary.rows += len(pos)

@@ -9,7 +9,7 @@ position 0 is empty; every other position holds exactly K+1 entries: first the a
 (with its true rank, which may be anywhere), then the top-K in rank order 1..K (`torch.topk`, so K
 distinct ids; the prompt token appears twice when it is in the top-K). So the K+1 entries of position
 p start at (p - 1) * (K + 1), and the top-K of row t are flat entries [t*(K+1) + 1, (t+1)*(K+1)): one
-reshape and one slice, no per-token Python.
+list slice per run of consecutive stored rows, then one reshape, no per-token Python.
 
 Engine processes: by default vLLM runs its engine core and worker in processes started with `spawn`,
 which re-imports the caller's `__main__`: a script must create the backend under
@@ -17,19 +17,25 @@ which re-imports the caller's `__main__`: a script must create the backend under
 process) turns each step's tensors into FlatLogprobs in Python while the worker computes the next step.
 `VLLM_ENABLE_V1_MULTIPROCESSING=0` keeps engine core and worker in this process instead (no spawn,
 start-up in seconds instead of about a minute on 2 CPU cores; the tests use it).
+
 On CPU: the worker binds its OpenMP threads to all cores but one (kept for the front end);
 `gpu_memory_utilization` is a fraction of the NUMA node's memory, and `VLLM_CPU_KVCACHE_SPACE=<GiB>`
 sets the KV cache size outright (and skips a warm-up pass).
+
+Sampled rows: prompt log-probs hold only the top-K, so draws beyond the top-K's mass cannot be resolved
+here: they stay -1 (a tail draw) and the cache records support 'top-K' (the HF backend resolves them).
 """
 
 from __future__ import annotations
 
 import array
+import operator
 
 import numpy as np
 
 from common.config import TeacherConfig
-from stage1_teacher.backend import TopK, check_request, empty_topk
+from stage1_teacher.backend import TopK, check_request, check_uniforms, empty_topk
+from stage1_teacher.sampling import draws_from_topk
 
 # Sampling seed: irrelevant to prompt log-probs (nothing is sampled that we keep), fixed for repeatability.
 _ENGINE_SEED = 0
@@ -61,26 +67,35 @@ def engine_kwargs(cfg: TeacherConfig, model_path: str, k: int) -> dict:
 
 
 def flat_to_topk(flat, positions: np.ndarray, k: int) -> TopK:
-    """Rows `positions` of one request's FlatLogprobs as rank-ordered [R, K] arrays (layout: module doc)."""
+    """Rows `positions` (ascending) of one request's FlatLogprobs as rank-ordered [R, K] arrays (layout:
+    module doc). Only the requested rows' entries are converted: with positions='assistant' most rows are
+    skipped, and the conversion, not the model, dominated this step (shared/FACTS.md)."""
     if len(positions) == 0:
         return empty_topk(k)
-    n_rows = positions[-1] + 1  # rows 0..n_rows-1 = prompt positions 1..n_rows
-    n_flat = n_rows * (k + 1)
-    starts = np.asarray(flat.start_indices[1 : n_rows + 1], dtype=np.int64)
-    ends = np.asarray(flat.end_indices[1 : n_rows + 1], dtype=np.int64)
-    expected = np.arange(n_rows, dtype=np.int64) * (k + 1)
-    if len(starts) != n_rows or not (np.array_equal(starts, expected) and np.array_equal(ends, expected + k + 1)):
+    pos = np.asarray(positions, dtype=np.int64)
+    width = k + 1  # entries per prompt position: the prompt token, then the top-K
+    # The layout check, at the requested positions (row t = prompt position t + 1).
+    if len(flat.start_indices) < pos[-1] + 2:
+        raise RuntimeError(f"vLLM prompt log-probs: {len(flat.start_indices)} positions for row {pos[-1]}")
+    spans = operator.itemgetter(*(pos + 1).tolist())
+    starts = np.asarray(spans(flat.start_indices), dtype=np.int64).reshape(-1)
+    ends = np.asarray(spans(flat.end_indices), dtype=np.int64).reshape(-1)
+    if not (np.array_equal(starts, pos * width) and np.array_equal(ends, starts + width)):
         raise RuntimeError(
-            f"vLLM prompt log-probs: expected {k + 1} entries per position (prompt token + top-{k}); "
+            f"vLLM prompt log-probs: expected {width} entries per position (prompt token + top-{k}); "
             "the engine's FlatLogprobs layout has changed"
         )
     # Python lists -> typed C arrays -> numpy views: about 2.5x faster than np.asarray on the lists
     # (C unsigned int and float are 32-bit: np.uintc, np.float32). float32 is exact: vLLM computed it so.
-    ids = np.frombuffer(array.array("I", flat.token_ids[:n_flat]), dtype=np.uintc)
-    lps = np.frombuffer(array.array("f", flat.logprobs[:n_flat]), dtype=np.float32)
-    # [n_rows, K+1] -> the requested rows, minus column 0 (the prompt token itself).
-    ids = ids.reshape(n_rows, k + 1)[positions, 1:].astype(np.uint32, copy=False)
-    lps = lps.reshape(n_rows, k + 1)[positions, 1:]
+    # One slice per run of consecutive rows (an assistant turn), not per row.
+    cut = np.flatnonzero(np.diff(pos) != 1) + 1
+    ids_buf, lps_buf = array.array("I"), array.array("f")
+    for first, last in zip(pos[np.r_[0, cut]].tolist(), pos[np.r_[cut - 1, len(pos) - 1]].tolist()):
+        ids_buf.fromlist(flat.token_ids[first * width : (last + 1) * width])
+        lps_buf.fromlist(flat.logprobs[first * width : (last + 1) * width])
+    # [R, K+1] -> minus column 0 (the prompt token itself).
+    ids = np.frombuffer(ids_buf, dtype=np.uintc).reshape(len(pos), width)[:, 1:].astype(np.uint32, copy=False)
+    lps = np.frombuffer(lps_buf, dtype=np.float32).reshape(len(pos), width)[:, 1:]
     if np.any(lps[:, 1:] > lps[:, :-1]):
         raise RuntimeError("vLLM prompt log-probs: top-K entries are not in rank order")
     return TopK(np.ascontiguousarray(ids), np.ascontiguousarray(lps))
@@ -98,10 +113,12 @@ class VllmBackend:
         self.vocab_size = self._llm.llm_engine.model_config.get_vocab_size()
         self._params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True)
 
-    def score(self, sequences: list[np.ndarray], positions: list[np.ndarray]) -> list[TopK]:
+    def score(self, sequences: list[np.ndarray], positions: list[np.ndarray],
+              uniforms: list[np.ndarray] | None = None) -> list[TopK]:
         from vllm.inputs import TokensPrompt
 
         positions = check_request(sequences, positions, self.max_model_len, self.vocab_size)
+        uniforms = check_uniforms(uniforms, positions)
         wanted = [i for i, pos in enumerate(positions) if len(pos)]
         # Row t needs tokens 0..t+1 (t+1 only as vLLM's "prompt token"): later tokens are not sent.
         prompts = [
@@ -109,10 +126,13 @@ class VllmBackend:
         ]
         outputs = self._llm.generate(prompts, self._params, use_tqdm=False) if prompts else []
         by_index = dict(zip(wanted, outputs))  # LLM.generate returns outputs in request order
-        return [
+        results = [
             flat_to_topk(by_index[i].prompt_logprobs, pos, self.k) if i in by_index else empty_topk(self.k)
             for i, pos in enumerate(positions)
         ]
+        if uniforms is None:
+            return results
+        return [TopK(t.ids, t.logprobs, draws_from_topk(t.ids, t.logprobs, u)) for t, u in zip(results, uniforms)]
 
     def close(self) -> None:
         """Stop the engine core and worker processes and free the KV cache."""

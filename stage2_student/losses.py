@@ -22,6 +22,16 @@ spread. We assume it is made of tokens that each have the K-th (smallest cached)
     tail_T ∝ sum_tail p^(1/T) ≈ (m / p_K) * p_K^(1/T) = m * p_K^(1/T - 1)
 the most concentrated tail the cache allows. It is exact at T = 1 (and whenever the tail really is
 flat at p_K); for T > 1 it is a lower bound on the tempered tail mass, for T < 1 an upper bound.
+
+Sampled cache rows (cache.rows = "sampled"): a row holds the distinct ids of N draws from the teacher at
+T = 1 with logp = log(count / N), and the draws the engine could not name (outside its top-K) as the tail.
+forward_tail at T = 1 on such rows is the RS-KD loss (random-sampling KD): its student-dependent part,
+-sum_k (count_k / N) log q_k, is an unbiased estimate of the full cross-entropy -sum_v p_v log q_v, so its
+gradient is unbiased (up to the tail bucket's lumping of unnamed draws). Other losses or temperatures are
+biased on these rows; the trainer refuses them.
+
+Full vocabulary (`full_vocab_kl`): with the teacher model itself at hand (small teachers only: online
+distillation and the held-out yardstick, see train.py), the exact forward KL over all V ids, in row chunks.
 """
 
 from __future__ import annotations
@@ -204,3 +214,105 @@ def topk_distill_loss(
         s_tail = (1.0 - student.logp.exp().sum(dim=-1)).clamp(min=0.0)
         t_tail = (1.0 - teacher_logprobs.float().exp().sum(dim=-1)).clamp(min=0.0)
     return DistillOutput(loss, top1, s_tail, t_tail)
+
+
+def _log_softmax_(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log_softmax(logits / T) over the last dim, in place on `logits` [c, V] (no second [c, V] buffer)."""
+    logits.div_(temperature)
+    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+
+
+class _ChunkedFullVocabKL(torch.autograd.Function):
+    """(hidden [R, H], weight [V, H], teacher_hidden [R, Ht], teacher_weight [V, Ht]) -> (kl [R],
+    student argmax [R], teacher argmax [R]), in row chunks: per chunk both fp32 [c, V] logits, log-softmax,
+    KL; backward recomputes both. Gradients flow to hidden and weight only (the teacher is frozen)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, chunk, temperature):
+        half = _half_on_cuda(hidden, weight)
+        t_half = _half_on_cuda(teacher_hidden, teacher_weight)
+        w = weight if half else weight.float()
+        tw = teacher_weight if t_half else teacher_weight.float()
+        rows = hidden.shape[0]
+        kl = hidden.new_empty(rows, dtype=torch.float32)
+        s_argmax = hidden.new_empty(rows, dtype=torch.long)
+        t_argmax = hidden.new_empty(rows, dtype=torch.long)
+        for s in range(0, rows, chunk):
+            t_logits = _chunk_logits(teacher_hidden[s : s + chunk], tw, t_half)  # [c, V]
+            s_logits = _chunk_logits(hidden[s : s + chunk], w, half)  # [c, V]
+            t_argmax[s : s + chunk] = t_logits.argmax(dim=-1)
+            s_argmax[s : s + chunk] = s_logits.argmax(dim=-1)
+            log_p, log_q = _log_softmax_(t_logits, temperature), _log_softmax_(s_logits, temperature)
+            # sum p (log p - log q), in place: the two [c, V] buffers are all the memory this needs.
+            kl[s : s + chunk] = log_q.neg_().add_(log_p).mul_(log_p.exp_()).sum(dim=-1)
+        ctx.save_for_backward(hidden, weight, teacher_hidden, teacher_weight)
+        ctx.chunk, ctx.temperature = chunk, temperature
+        ctx.mark_non_differentiable(s_argmax, t_argmax)
+        return kl * temperature**2, s_argmax, t_argmax
+
+    @staticmethod
+    def backward(ctx, g_kl, _g_s, _g_t):
+        hidden, weight, teacher_hidden, teacher_weight = ctx.saved_tensors
+        chunk, temperature = ctx.chunk, ctx.temperature
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        half = _half_on_cuda(hidden, weight)
+        t_half = _half_on_cuda(teacher_hidden, teacher_weight)
+        w = weight if half else weight.float()
+        tw = teacher_weight if t_half else teacher_weight.float()
+        g_hidden = torch.empty_like(hidden) if need_h else None
+        g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for s in range(0, hidden.shape[0], chunk):
+            h = hidden[s : s + chunk]
+            # d(T^2 KL)/d(student logits) = T^2 * (q - p) / T = T * (q - p), per row times the row's gradient.
+            p = _log_softmax_(_chunk_logits(teacher_hidden[s : s + chunk], tw, t_half), temperature).exp_()
+            d_logits = _log_softmax_(_chunk_logits(h, w, half), temperature).exp_().sub_(p)
+            d_logits.mul_(g_kl[s : s + chunk, None] * temperature)
+            if need_h:
+                g_hidden[s : s + chunk] = (d_logits.to(w.dtype) if half else d_logits) @ w
+            if need_w:
+                g_weight += d_logits.T @ h.float()
+        if need_w:
+            g_weight = g_weight.to(weight.dtype)
+        return g_hidden, g_weight, None, None, None, None
+
+
+def full_vocab_kl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    chunk: int = 1024,
+    temperature: float = 1.0,
+) -> DistillOutput:
+    """Forward KL(teacher || student) over the whole vocabulary, for R rows: the loss the cached losses
+    approximate, computable only while the teacher itself is at hand (online distillation, or as the
+    yardstick of a held-out evaluation).
+
+    hidden [R, H] and weight [V, H]: the student's final-norm rows and lm_head; teacher_hidden [R, Ht] and
+    teacher_weight [V, Ht]: the teacher's, at the same rows (same vocabulary, any width). Both sides' logits
+    are fp32 and exist one row chunk at a time (two [chunk, V] buffers, worked in place, recomputed in
+    backward), so memory is O(chunk x V) whatever R is. No gradient reaches the teacher's tensors. At
+    temperature T both logits are divided by T and the KL is scaled by T^2, as in `kl_from_logprobs`.
+
+    Returns a DistillOutput: loss [R], top1_agree = student argmax == the TEACHER's full-vocabulary argmax
+    (not a cached rank-0 id); student_tail and teacher_tail are 0: nothing lies outside the full vocabulary.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"expected hidden [R, H] and weight [V, H], got {tuple(hidden.shape)}, {tuple(weight.shape)}")
+    if teacher_hidden.dim() != 2 or teacher_weight.dim() != 2 or teacher_hidden.shape[1] != teacher_weight.shape[1]:
+        raise ValueError(
+            f"expected teacher_hidden [R, Ht] and teacher_weight [V, Ht], got {tuple(teacher_hidden.shape)}, "
+            f"{tuple(teacher_weight.shape)}"
+        )
+    if teacher_hidden.shape[0] != hidden.shape[0] or teacher_weight.shape[0] != weight.shape[0]:
+        raise ValueError(
+            f"teacher rows/vocabulary {teacher_hidden.shape[0]}/{teacher_weight.shape[0]} differ from the "
+            f"student's {hidden.shape[0]}/{weight.shape[0]}"
+        )
+    if chunk < 1 or temperature <= 0:
+        raise ValueError(f"chunk must be >= 1 and temperature > 0, got {chunk}, {temperature}")
+    loss, s_argmax, t_argmax = _ChunkedFullVocabKL.apply(
+        hidden, weight, teacher_hidden.detach(), teacher_weight.detach(), chunk, float(temperature)
+    )
+    zeros = torch.zeros_like(loss).detach()
+    return DistillOutput(loss, s_argmax == t_argmax, zeros, zeros)

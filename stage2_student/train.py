@@ -6,6 +6,17 @@ Run under torchrun (`hyperdistill train-student --nproc N` launches it):
 Per step: prompt -> hypernetwork -> per-sample LoRA (A, B) for every target linear -> frozen student
 forward with the LoRA hooks -> hidden states at the cached rows -> chunked lm_head + logsumexp + gather
 -> top-K KL to the teacher -> backward into the hypernetwork only.
+
+Sampled caches (cache.rows = "sampled"): rows of N teacher draws at T = 1. With train.loss = forward_tail
+and temperature 1 the loss on them is the RS-KD loss, an unbiased estimate of the full-vocabulary forward
+KL's gradient (losses.py); any other loss or temperature would be biased, so those are refused.
+
+A resident teacher (train.online_teacher / train.eval_teacher): `ResidentTeacher` loads teacher.model in
+stage 2, frozen, and every rank holds a whole copy outside the FSDP-wrapped DistillModel. It exists for
+small teachers (the demo's tiny one, experiments such as benchmarks/teach.py): the cache's whole point is
+that a big teacher never has to sit beside the student. online_teacher trains on the exact forward KL over
+the full vocabulary at the cached rows (the ideal the cached losses approximate); eval_teacher adds that
+KL and the top-1 agreement with the teacher's argmax ("kl_full", "top1_full") to every held-out evaluation.
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -27,7 +39,7 @@ from stage2_student import checkpoint, distributed
 from stage2_student.data import make_loader, phase_order, rank_batches, split_indices
 from stage2_student.hypernet import HyperNetwork
 from stage2_student.lora import LoRAInjector
-from stage2_student.losses import DistillOutput, topk_distill_loss
+from stage2_student.losses import DistillOutput, full_vocab_kl, topk_distill_loss
 from stage2_student.metrics import MetricsLogger
 from stage2_student.targets import resolve_targets
 
@@ -41,7 +53,9 @@ class DistillModel(nn.Module):
         self.student, self.hypernet, self.injector = student, hypernet, injector
         self.loss_kind, self.temperature, self.chunk = cfg.train.loss, cfg.train.temperature, cfg.train.loss_chunk
 
-    def forward(self, batch, loss_kind: str | None = None) -> DistillOutput:
+    def forward(self, batch, loss_kind: str | None = None, teacher_rows: TeacherRows | None = None) -> DistillOutput:
+        """The cached top-K loss (`loss_kind`, default train.loss) at the batch's rows; with `teacher_rows`
+        (the teacher's hidden states at the same rows) the full-vocabulary forward KL to them instead."""
         with torch.no_grad():  # the prompt encoder reads the student's own (frozen) embeddings
             prompt_embeds = self.student.get_input_embeddings()(batch.prompt_ids).float()
         lora = self.hypernet(prompt_embeds, batch.prompt_mask)
@@ -52,6 +66,9 @@ class DistillModel(nn.Module):
         # never let a real token see a later pad.
         hidden = self.student.model(input_ids=batch.input_ids, use_cache=False).last_hidden_state  # [N, T, H]
         rows = hidden[batch.row_sample, batch.row_position]  # [R, H]
+        if teacher_rows is not None:
+            weight = self.student.lm_head.weight
+            return full_vocab_kl(rows, weight, teacher_rows.hidden, teacher_rows.weight, self.chunk, self.temperature)
         return topk_distill_loss(
             rows,
             self.student.lm_head.weight,
@@ -60,6 +77,51 @@ class DistillModel(nn.Module):
             kind=loss_kind or self.loss_kind,
             temperature=self.temperature,
             chunk=self.chunk,
+        )
+
+
+class TeacherRows(NamedTuple):
+    hidden: torch.Tensor
+    """[R, Ht] the teacher's final-norm hidden states at the batch's rows."""
+    weight: torch.Tensor
+    """[V, Ht] the teacher's lm_head."""
+
+
+class ResidentTeacher:
+    """The teacher model, frozen, whole on every rank, for online distillation and full-vocabulary eval.
+
+    Deliberately not an nn.Module attribute of DistillModel: FSDP2 must neither shard nor gather it, and the
+    optimizer and checkpoints must never see it. Small teachers only (see the module docstring)."""
+
+    def __init__(self, cfg: RunConfig, student_vocab: int, device: torch.device):
+        t = cfg.teacher
+        model = load_causal_lm(t.model, t.dtype, t.revision, t.trust_remote_code, device=str(device))
+        model.requires_grad_(False)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        if vocab != student_vocab:
+            raise UserError(
+                f"teacher.model {t.model}: vocabulary of {vocab} ids differs from the student's {student_vocab}: "
+                "a full-vocabulary KL needs the same ids on both sides"
+            )
+        self.decoder, self.lm_head = model.base_model, model.get_output_embeddings()
+
+    @torch.no_grad()
+    def rows(self, batch) -> TeacherRows:
+        # Right padding needs no mask here either (causal): see DistillModel.forward.
+        hidden = self.decoder(input_ids=batch.input_ids, use_cache=False).last_hidden_state  # [N, T, Ht]
+        return TeacherRows(hidden[batch.row_sample, batch.row_position], self.lm_head.weight)
+
+
+def check_sampled_rows(reader: CacheReader, cfg: RunConfig) -> None:
+    """Sampled rows are draws from the teacher at T = 1: only forward_tail at T = 1 (RS-KD) is unbiased on them."""
+    sampled = getattr(reader.meta, "sampled", None)
+    if sampled is None or cfg.train.online_teacher:  # online, the rows' contents are not the loss
+        return
+    if cfg.train.loss != "forward_tail" or cfg.train.temperature != 1.0:
+        raise UserError(
+            f"cache {reader.path}: sampled rows ({sampled.draws} draws at T=1) need train.loss=forward_tail and "
+            f"train.temperature=1.0 (got {cfg.train.loss}, {cfg.train.temperature}): only the forward "
+            "cross-entropy on draws from the teacher is unbiased"
         )
 
 
@@ -127,23 +189,38 @@ def eval_batches(heldout_idx: list[int], batch_size: int, env) -> tuple[list[lis
 
 
 @torch.no_grad()
-def evaluate(model: DistillModel, loader, counted: list[bool], env) -> dict[str, float]:
-    """Held-out forward KL (tail bucket), top-1 agreement and tail mass, summed over rows on all ranks."""
+def evaluate(
+    model: DistillModel, loader, counted: list[bool], env, teacher: ResidentTeacher | None = None
+) -> dict[str, float]:
+    """Held-out forward KL (tail bucket) to the cache, top-1 agreement and tail mass, summed over rows on all
+    ranks; with a resident teacher also the full-vocabulary KL to it ("kl_full") and top-1 agreement with its
+    argmax ("top1_full"). Both KLs at train.temperature, like the training loss."""
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64)
+    sums = torch.zeros(6, dtype=torch.float64)
     for batch, count in zip(loader, counted):
-        out = model(batch.to(env.device), loss_kind="forward_tail")
+        batch = batch.to(env.device)
+        out = model(batch, loss_kind="forward_tail")
         model.injector.clear()
+        full = None
+        if teacher is not None:
+            # A second student forward: the lm_heads dominate its cost, and each loss needs its own anyway.
+            full = model(batch, teacher_rows=teacher.rows(batch))
+            model.injector.clear()
         if not count:
             continue
         sums += torch.tensor(
-            [out.loss.sum().item(), out.top1_agree.sum().item(), out.student_tail.sum().item(), out.loss.numel()],
+            [out.loss.sum().item(), out.top1_agree.sum().item(), out.student_tail.sum().item(), out.loss.numel(),
+             full.loss.sum().item() if full is not None else 0.0,
+             full.top1_agree.sum().item() if full is not None else 0.0],
             dtype=torch.float64,
-        )
+        )  # fmt: skip
     sums = distributed.all_reduce_sum(sums.to(env.device)).cpu()
     model.train()
     rows = max(sums[3].item(), 1.0)
-    return {"kl": sums[0].item() / rows, "top1": sums[1].item() / rows, "tail": sums[2].item() / rows, "rows": rows}
+    result = {"kl": sums[0].item() / rows, "top1": sums[1].item() / rows, "tail": sums[2].item() / rows, "rows": rows}
+    if teacher is not None:
+        result.update(kl_full=sums[4].item() / rows, top1_full=sums[5].item() / rows)
+    return result
 
 
 def train(cfg: RunConfig, env) -> dict[str, float]:
@@ -156,6 +233,7 @@ def train(cfg: RunConfig, env) -> dict[str, float]:
     reader = CacheReader(cfg.cache.path)
     tokenizer = load_tokenizer(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code)
     check_compatible(reader, tokenizer, cfg.student.model)
+    check_sampled_rows(reader, cfg)
     train_idx, heldout_idx = split_indices(reader.sample_ids, cfg.data.heldout_fraction)
     plan = plan_phases(cfg, train_idx, env)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -173,6 +251,12 @@ def train(cfg: RunConfig, env) -> dict[str, float]:
     mesh = distributed.build_mesh(env, distributed.ParallelDims.for_world(env.world_size, cfg.train.shard_size))
     distributed.parallelize(model, student, hypernet, mesh)
     model.to(env.device)
+    resident = None
+    if cfg.train.online_teacher or cfg.train.eval_teacher:
+        resident = ResidentTeacher(cfg, student.get_output_embeddings().weight.shape[0], env.device)
+        log.info(f"resident teacher {cfg.teacher.model} (frozen, a whole copy per rank)")
+    online = resident if cfg.train.online_teacher else None
+    eval_teacher = resident if cfg.train.eval_teacher else None
     optimizer = torch.optim.AdamW(hypernet.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     n_params = sum(p.numel() for p in hypernet.parameters())
     log.info(f"hypernetwork: {n_params:,} trainable parameters (this rank's shard) over {len(targets)} target linears")
@@ -189,10 +273,12 @@ def train(cfg: RunConfig, env) -> dict[str, float]:
     heldout_batches, counted = eval_batches(heldout_idx, cfg.train.batch_size, env)
     eval_seq = max(p.seq_len for p in cfg.train.phases)
     eval_loader = make_loader(reader, heldout_batches, eval_seq, pad_id, 0, pin)
-    first_eval = evaluate(model, eval_loader, counted, env) if heldout_idx else {}
+    first_eval = evaluate(model, eval_loader, counted, env, eval_teacher) if heldout_idx else {}
     if first_eval:
         log.scalars("eval", first_eval, loop["step"])
     result = {"kl_before": first_eval.get("kl", float("nan"))}
+    if eval_teacher is not None:
+        result["kl_full_before"] = first_eval.get("kl_full", float("nan"))
 
     # ---- the loop: phases -> optimizer steps -> micro-batches ----------------------------------------
     step = loop["step"]
@@ -215,7 +301,7 @@ def train(cfg: RunConfig, env) -> dict[str, float]:
             tokens = 0
             for _ in range(cfg.train.grad_accum):
                 batch = next(loader).to(env.device)
-                out = model(batch)
+                out = model(batch, teacher_rows=online.rows(batch) if online is not None else None)
                 rows = max(out.loss.numel(), 1)
                 # Mean over this micro-batch's rows; ranks and micro-steps weigh equally.
                 (out.loss.sum() / rows / cfg.train.grad_accum).backward()
@@ -247,7 +333,7 @@ def train(cfg: RunConfig, env) -> dict[str, float]:
                     total=plan.total_steps,
                 )
             if heldout_idx and step % cfg.train.eval_every == 0 and step < plan.total_steps:
-                log.scalars("eval", evaluate(model, eval_loader, counted, env), step)
+                log.scalars("eval", evaluate(model, eval_loader, counted, env, eval_teacher), step)
             if step % cfg.train.checkpoint_every == 0 or step == plan.total_steps:
                 where = checkpoint.step_dir(cfg.train.output_dir, step)
                 done = {"step": step, "phase": p, "phase_step": phase_step + 1}
@@ -258,10 +344,12 @@ def train(cfg: RunConfig, env) -> dict[str, float]:
         if step >= plan.total_steps:
             break
 
-    final = evaluate(model, eval_loader, counted, env) if heldout_idx else {}
+    final = evaluate(model, eval_loader, counted, env, eval_teacher) if heldout_idx else {}
     if final:
         log.scalars("eval", final, step)
         result["kl_after"] = final["kl"]
+        if eval_teacher is not None:
+            result.update(kl_full_after=final["kl_full"], top1_full_after=final["top1_full"])
         log.info(f"held-out KL to the teacher: {result['kl_before']:.4f} at step 0 -> {final['kl']:.4f} at step {step}")
     result["steps"] = step
     log.close()

@@ -138,7 +138,7 @@ def full_forward_topk(teacher_dir: str, seq: np.ndarray, positions: np.ndarray) 
 
 def check_invariants(results: list[TopK], positions: list[np.ndarray], vocab_size: int) -> None:
     for res, pos in zip(results, positions):
-        ids, lps = res
+        ids, lps = res.ids, res.logprobs
         assert ids.dtype == np.uint32 and lps.dtype == np.float32
         assert ids.shape == lps.shape == (len(pos), K)
         if not len(pos):
@@ -216,7 +216,8 @@ def test_flat_logprobs_conversion_matches_vllms_own_layout():
             k,
         )
     positions = np.array([1, 2, 5])
-    ids, lps = flat_to_topk(flat, positions, k)
+    topk = flat_to_topk(flat, positions, k)
+    ids, lps = topk.ids, topk.logprobs
     assert ids.shape == lps.shape == (3, k)
     for r, t in enumerate(positions):
         assert len(set(ids[r].tolist())) == k
@@ -269,6 +270,29 @@ def test_vllm_agrees_with_hf(vllm_results, hf_results):
         assert_topk_close(v, h, ATOL_ENGINES)
     same_rank = np.concatenate([(v.ids == h.ids).ravel() for v, h in zip(vllm_results, hf_results)])
     assert same_rank.mean() > 0.95  # ties aside, the very same ids in the very same order
+
+
+@pytest.mark.engine
+def test_vllm_draws_agree_with_hf_draws(vllm_backend, hf_backend, requests):
+    """Sampled rows: with the same uniforms both engines draw the same token wherever vLLM's draw falls in
+    its top-K (up to the engines' rounding near CDF edges); HF resolves every draw, vLLM leaves the rest -1."""
+    from stage1_teacher.sampling import TAIL_DRAW, sample_uniforms
+
+    seqs, positions = requests
+    uniforms = [sample_uniforms(0, f"seq-{i}", len(pos), 32) for i, pos in enumerate(positions)]
+    v_rows, h_rows = vllm_backend.score(seqs, positions, uniforms), hf_backend.score(seqs, positions, uniforms)
+    v = np.concatenate([r.draws for r in v_rows])
+    h = np.concatenate([r.draws for r in h_rows])
+    assert v.shape == h.shape == (sum(len(p) for p in positions), 32)
+    assert (h >= 0).all() and (h < hf_backend.vocab_size).all()
+    inside = v != TAIL_DRAW
+    assert inside.mean() > 0.5 and (~inside).any()
+    assert (v[inside] == h[inside]).mean() > 0.97
+    # The -1 draws of vLLM are tokens outside its top-K for HF (again up to rounding at the edge).
+    v_ids = np.concatenate([r.ids for r in v_rows])
+    rows = np.nonzero(~inside)[0]
+    outside = ~(v_ids[rows] == h[~inside][:, None]).any(axis=1)
+    assert outside.mean() > 0.97
 
 
 @pytest.mark.engine
