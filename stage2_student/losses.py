@@ -73,6 +73,28 @@ def _chunk_logits(h: torch.Tensor, w: torch.Tensor, half: bool) -> torch.Tensor:
     return h.float() @ w.T
 
 
+class _LmHeadGrads:
+    """The gradients of (hidden [R, H], weight [V, H]) from per-chunk gradients of the fp32 logits, for the
+    chunked losses' backward passes (only the inputs that need one get a buffer)."""
+
+    def __init__(self, ctx, hidden: torch.Tensor, weight: torch.Tensor, w: torch.Tensor, half: bool):
+        self.weight, self.w, self.half = weight, w, half
+        self.g_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        need_w = ctx.needs_input_grad[1]
+        self.g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+
+    def add(self, s: int, h: torch.Tensor, d_logits: torch.Tensor) -> None:
+        """Rows s : s + len(h) (their inputs h [c, H]) with logit gradient d_logits [c, V]."""
+        if self.g_hidden is not None:
+            # Half precision: the GEMM's inputs are rounded like the bf16/fp16 gradient it produces.
+            self.g_hidden[s : s + len(h)] = (d_logits.to(self.w.dtype) if self.half else d_logits) @ self.w
+        if self.g_weight is not None:
+            self.g_weight += d_logits.T @ h.float()
+
+    def result(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return self.g_hidden, None if self.g_weight is None else self.g_weight.to(self.weight.dtype)
+
+
 class _ChunkedTopKLogProbs(torch.autograd.Function):
     """(hidden [R, H], weight [V, H], ids [R, K]) -> (logp [R, K], lse [R], argmax [R]), in row chunks."""
 
@@ -98,11 +120,9 @@ class _ChunkedTopKLogProbs(torch.autograd.Function):
     def backward(ctx, g_logp, g_lse, _g_argmax):
         hidden, weight, ids, lse = ctx.saved_tensors
         chunk, temperature = ctx.chunk, ctx.temperature
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         half = _half_on_cuda(hidden, weight)
         w = weight if half else weight.float()
-        g_hidden = torch.empty_like(hidden) if need_h else None
-        g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grads = _LmHeadGrads(ctx, hidden, weight, w, half)
         if g_logp is None:
             g_logp = torch.zeros(ids.shape, dtype=torch.float32, device=hidden.device)
         if g_lse is None:
@@ -115,14 +135,8 @@ class _ChunkedTopKLogProbs(torch.autograd.Function):
             coef = g_lse[s : s + chunk] - gl.sum(dim=-1)
             d_logits = _chunk_logits(h, w, half).div_(temperature).sub_(lse[s : s + chunk, None]).exp_()
             d_logits.mul_(coef[:, None]).scatter_add_(1, ids[s : s + chunk], gl).div_(temperature)
-            if need_h:
-                # Half precision: the GEMM's inputs are rounded like the bf16/fp16 gradient it produces.
-                g_hidden[s : s + chunk] = (d_logits.to(w.dtype) if half else d_logits) @ w
-            if need_w:
-                g_weight += d_logits.T @ h.float()
-        if need_w:
-            g_weight = g_weight.to(weight.dtype)
-        return g_hidden, g_weight, None, None, None
+            grads.add(s, h, d_logits)
+        return *grads.result(), None, None, None
 
 
 def student_topk_logprobs(
@@ -254,26 +268,19 @@ class _ChunkedFullVocabKL(torch.autograd.Function):
     def backward(ctx, g_kl, _g_s, _g_t):
         hidden, weight, teacher_hidden, teacher_weight = ctx.saved_tensors
         chunk, temperature = ctx.chunk, ctx.temperature
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         half = _half_on_cuda(hidden, weight)
         t_half = _half_on_cuda(teacher_hidden, teacher_weight)
         w = weight if half else weight.float()
         tw = teacher_weight if t_half else teacher_weight.float()
-        g_hidden = torch.empty_like(hidden) if need_h else None
-        g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grads = _LmHeadGrads(ctx, hidden, weight, w, half)
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s : s + chunk]
             # d(T^2 KL)/d(student logits) = T^2 * (q - p) / T = T * (q - p), per row times the row's gradient.
             p = _log_softmax_(_chunk_logits(teacher_hidden[s : s + chunk], tw, t_half), temperature).exp_()
             d_logits = _log_softmax_(_chunk_logits(h, w, half), temperature).exp_().sub_(p)
             d_logits.mul_(g_kl[s : s + chunk, None] * temperature)
-            if need_h:
-                g_hidden[s : s + chunk] = (d_logits.to(w.dtype) if half else d_logits) @ w
-            if need_w:
-                g_weight += d_logits.T @ h.float()
-        if need_w:
-            g_weight = g_weight.to(weight.dtype)
-        return g_hidden, g_weight, None, None, None, None
+            grads.add(s, h, d_logits)
+        return *grads.result(), None, None, None, None
 
 
 def full_vocab_kl(
