@@ -6,8 +6,7 @@ On the demo set-up (bundled sample, tiny teacher and student, configs/demo.yaml)
   2. stage 1 with the reference HF backend, once per cache variant (the same samples and row positions in
      all): top-K=128 fp16; mass-adaptive K (mass_epsilon 1e-2: with the tiny teacher's flat distributions
      it keeps nearly every row whole, and 1e-3 would keep all of them, so only 1e-2 runs); sampled rows
-     (cache.rows=sampled: N=64 with two draw seeds, and N=16; skipped with a message when the tree lacks
-     that feature); top-K=8 (to show the bias of a small K);
+     (cache.rows=sampled: N=64 with two draw seeds, and N=16); top-K=8 (to show the bias of a small K);
   3. stage 2 in this process (one rank, no FSDP), the SAME budget for every variant: same steps, seed, lr,
      batches and held-out set, and for the top-128 cache's rows also `online`: the tiny teacher resident in
      stage 2, distilled over the full vocabulary (the ideal every cache approximates);
@@ -71,13 +70,12 @@ QUICK = Settings(max_tokens=512, steps=3, seeds=(0,), draws=(16,), draw_seeds=(0
 class CacheVariant:
     name: str
     overrides: tuple[str, ...]
-    sampled: bool = False
 
 
 def cache_variants(s: Settings) -> list[CacheVariant]:
     sampled = [
         CacheVariant(f"sampled N={n}" + (f", draw seed {seed}" if seed else ""),
-                     ("cache.k=128", "cache.rows=sampled", f"cache.draws={n}", f"cache.sample_seed={seed}"), True)
+                     ("cache.k=128", "cache.rows=sampled", f"cache.draws={n}", f"cache.sample_seed={seed}"))
         for i, n in enumerate(s.draws) for seed in (s.draw_seeds if i == 0 else s.draw_seeds[:1])
     ]  # fmt: skip
     return [
@@ -90,14 +88,6 @@ def cache_variants(s: Settings) -> list[CacheVariant]:
 
 ONLINE = "online (full vocabulary)"
 ONLINE_CACHE = "top-K 128"  # the cache whose tokens, rows and prompts the online run reads
-
-
-def sampled_rows_available() -> bool:
-    """Whether this tree's stage 1 can write sampled rows (cache.rows / cache.draws in CacheConfig)."""
-    from common.config import CacheConfig
-
-    names = {f.name for f in dataclasses.fields(CacheConfig)}
-    return {"rows", "draws"} <= names
 
 
 def slug(name: str) -> str:
@@ -141,10 +131,6 @@ def build_caches(s: Settings, workdir: Path) -> dict[str, dict]:
         prepare_data(cfg, load_tokenizer(cfg.student.model))
     caches = {}
     for v in cache_variants(s):
-        if v.sampled and not sampled_rows_available():
-            print(f"skipping '{v.name}': this tree has no sampled cache rows yet (cache.rows / cache.draws)",
-                  file=sys.stderr)  # fmt: skip
-            continue
         path = data_dir(s, workdir) / "caches" / f"{slug(v.name)}.zarr"
         vcfg = load_config(DEMO_CONFIG, [*base_overrides(s, workdir), f"cache.path={path}", *v.overrides])
         t0 = time.perf_counter()
@@ -212,7 +198,6 @@ def run(s: Settings, workdir: Path) -> dict:
             runs.setdefault(name, []).append(train_once(s, workdir, path, name, seed, online))
     return {
         "settings": dataclasses.asdict(s),
-        "sampled_rows_available": sampled_rows_available(),
         "caches": caches,
         "runs": runs,
         "total_s": time.perf_counter() - t0,
@@ -267,8 +252,6 @@ def table_md(r: dict) -> str:
         f"the trajectories data.heldout_fraction={s['heldout_fraction']} selects. "
         f"Total {r['total_s'] / 60:.1f} min.",
     ]
-    if not r["sampled_rows_available"]:
-        notes.append("Sampled rows: not in this tree when this ran (skipped).")
     return "\n".join(lines + notes)
 
 

@@ -28,11 +28,9 @@ import zarr
 from cache_schema.encoding import Encoding, get_encoding
 from cache_schema.layout import (
     CHECKSUMS, DEFAULT_CHUNK_BYTES, DRAW_COUNTS, ENTRY_OFFSETS, ID_TABLE, INPUT_IDS, LEASE_FILE, LOGPROB_POSITIVE_TOL,
-    LOSS_MASK,
-    PARTS_GROUP, POSITIONS, PROMPT_IDS, PROMPT_OFFSETS, ROW_OFFSETS, SAMPLE_IDS, TOKEN_OFFSETS, TOPK_COUNTS, TOPK_IDS,
-    TOPK_LOGPROBS,
-    PartMeta, RootMeta, SampleRows, config_hash, describe_rows, part_arrays, part_path, row_violations, sample_checksum,
-    stored_positions,
+    LOSS_MASK, PARTS_GROUP, POSITIONS, PROMPT_IDS, PROMPT_OFFSETS, ROW_OFFSETS, SAMPLE_IDS, TOKEN_OFFSETS, TOPK_COUNTS,
+    TOPK_IDS, TOPK_LOGPROBS, PartMeta, RootMeta, SampleRows, config_hash, describe_rows, part_arrays, part_path,
+    row_violations, sample_checksum, stored_positions,
 )
 from cache_schema.lease import LEASE_TTL_S, PartLease
 from cache_schema.rows import IdTable, encode_rows
