@@ -261,7 +261,7 @@ def _with_seeds(results: list[dict], r: dict) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="short context, 4 steps, one seed: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="short context, 3 steps, one seed: a smoke run")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the seeds")
     parser.add_argument("--steps", type=int, help="override the optimizer steps per run")
     parser.add_argument("--workdir", default=str(REPO / "runs" / "teach"), help="caches and runs go here")

@@ -27,7 +27,7 @@ def inspect_cache(path: str, *, storage_options: dict | None = None) -> dict[str
     mass-adaptive; for sampled rows the mean distinct ids per row); `decoded_bytes` = their
     numeric arrays once decompressed (stored dtypes), `compression_ratio` = decoded_bytes / those arrays'
     bytes on disk. `bytes_on_disk` is the whole store, incomplete parts included. `rows_kind` is 'topk' or
-    'sampled'; sampled caches add `draws`, `support` and `tail_draw_fraction` (draws outside the engine's
+    'sampled'; sampled caches add `draws`, `support` and `tail_draw_fraction` (unnamed draws, outside the engine's
     top-K / all draws)."""
     location = CacheLocation(path, storage_options)
     root, meta = open_root(location)

@@ -361,6 +361,9 @@ class PartWriter:
             if draws.size and (draws.min() < -1 or draws.max() >= vocab):
                 raise UserError(f"{where}: draws holds values outside [-1, {vocab}): min {draws.min()}, "
                                 f"max {draws.max()}")
+            if sampling.support_k is None and (draws == -1).any():
+                raise UserError(f"{where}: draws holds -1 (a draw outside the teacher's top-K) but this cache's "
+                                "support is 'full': every draw must be a token")
             arrays[_DRAWS] = draws.astype(np.int64, copy=False)
             return arrays
         if given != [TOPK_IDS, TOPK_LOGPROBS]:

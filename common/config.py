@@ -106,9 +106,9 @@ class CacheConfig:
     mass_epsilon: float | None = None
     """Mass-adaptive K: keep per row the fewest top entries covering 1 - epsilon of the probability (<= k)."""
     rows: Literal["topk", "sampled"] = "topk"
-    """Rows hold the teacher's top-K, or N draws from it (unbiased, RS-KD)."""
+    """Rows hold the teacher's top-K, or N draws from its distribution (RS-KD; unbiased with teacher.backend=hf)."""
     draws: int = 64
-    """Sampled rows: draws N per row (the row width stage 2 sees)."""
+    """Sampled rows: draws N per row, at most 1024 (the row width stage 2 sees)."""
     sample_seed: int = 0
     """Sampled rows: seed of the draws (per sample, so runs repeat exactly)."""
 
@@ -316,7 +316,8 @@ def validate(cfg: RunConfig) -> None:
     """Cross-field checks; raise UserError naming the field."""
     checks = [
         (cfg.cache.k >= 1, "cache.k must be >= 1"),
-        (1 <= cfg.cache.draws <= 65535, "cache.draws must be in [1, 65535]"),
+        (1 <= cfg.cache.draws <= 1024, "cache.draws must be in [1, 1024] (stage 2 reads [rows, draws] per sample and "
+         "pads short rows with the vocabulary's top ids)"),
         (cfg.cache.sample_seed >= 0, "cache.sample_seed must be >= 0"),
         (cfg.cache.rows != "sampled" or cfg.cache.mass_epsilon is None,
          "cache.rows=sampled and cache.mass_epsilon do not combine (sampled rows keep every drawn id)"),

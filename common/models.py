@@ -118,3 +118,23 @@ def load_causal_lm(
     except OSError as e:
         raise UserError(f"model '{name}': cannot load it from {source}: {str(e).splitlines()[0]}") from e
     return model.to(device).eval()
+
+
+def build_on_meta(name: str, dtype: str = "bfloat16", revision: str | None = None, trust_remote_code: bool = False):
+    """The model's architecture on the meta device (shapes and dtypes, no storage), in eval mode; reads only
+    its config, never the weight files. For ranks that receive the weights from another (stage 2's rank 0)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if dtype not in _DTYPES:
+        raise UserError(f"model '{name}': dtype '{dtype}' is not one of {', '.join(_DTYPES)}")
+    source = resolve_model(name, revision)
+    try:
+        config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UserError(f"model '{name}': cannot load its config from {source}: {str(e).splitlines()[0]}") from e
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+        )
+    return model.eval()

@@ -18,7 +18,7 @@ from common.config import TeacherConfig
 from stage1_teacher.backend import TopK, check_request, check_uniforms, empty_topk
 from stage1_teacher.sampling import TAIL_DRAW, draws_from_topk
 
-# Rows resolved at once by resolve_tail_draws: two [32, V] float64 temporaries, 39 MB each at V=151,936.
+# Rows resolved at once by resolve_tail_draws: three [32, V] float64 temporaries, 39 MB each at V=151,936.
 TAIL_BLOCK_ROWS = 32
 
 
@@ -44,7 +44,10 @@ def resolve_tail_draws(logits: torch.Tensor, top_ids: np.ndarray, top_logprobs: 
         # u' * tail at the CDF's end (index V): then the last id that has mass.
         picked = torch.searchsorted(cdf, torch.from_numpy(u * tail), right=True).numpy()  # [b, N]
         for r, c in zip(*np.nonzero(picked >= p.shape[1])):
-            picked[r, c] = int(torch.nonzero(p[r] > 0)[-1])
+            rest = torch.nonzero(p[r] > 0)
+            # Nothing outside the top-K has mass (K = the vocabulary): u passed the top-K's summed mass only by
+            # float rounding, so the draw is the top-K's last entry.
+            picked[r, c] = int(rest[-1]) if len(rest) else int(top_ids[rows[r], -1])
         block = draws[rows]
         tail_draws = block == TAIL_DRAW
         block[tail_draws] = picked[tail_draws]

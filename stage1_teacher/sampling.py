@@ -31,12 +31,20 @@ def draws_from_topk(ids: np.ndarray, logprobs: np.ndarray, uniforms: np.ndarray)
     rows, k = np.shape(logprobs)
     n = np.shape(uniforms)[1]
     cdf = np.cumsum(np.exp(np.asarray(logprobs, dtype=np.float64)), axis=1)  # [R, K]
+    u = np.asarray(uniforms, dtype=np.float64)  # [R, N]
     # One searchsorted over all rows: row r's CDF and uniforms are lifted by 4r, above the row before it
     # (a CDF ends near 1, a uniform is below 1), so no search can cross into another row.
     lift = 4.0 * np.arange(rows, dtype=np.float64)[:, None]
-    pos = np.searchsorted((cdf + lift).ravel(), (np.asarray(uniforms, dtype=np.float64) + lift).ravel(),
-                          side="right").reshape(rows, n)
-    col = pos - k * np.arange(rows)[:, None]  # first column whose CDF exceeds u; k when none does
+    pos = np.searchsorted((cdf + lift).ravel(), (u + lift).ravel(), side="right").reshape(rows, n)
+    col = np.clip(pos - k * np.arange(rows)[:, None], 0, k)  # first column whose CDF exceeds u; k when none does
+    # The lift rounds u and the CDF to float64's spacing at 4r (2**-30 at r = 2**20): step the rare column it
+    # moved back to the exact count of CDF entries <= u, so that a draw depends on its row alone, not on the
+    # row's index in this call (batching, chunks).
+    r = np.arange(rows)[:, None]
+    while (up := (col < k) & (cdf[r, np.minimum(col, k - 1)] <= u)).any():
+        col += up
+    while (down := (col > 0) & (cdf[r, np.maximum(col - 1, 0)] > u)).any():
+        col -= down
     out = np.full((rows, n), TAIL_DRAW, dtype=np.int64)
     inside = col < k
     out[inside] = np.asarray(ids, dtype=np.int64)[np.nonzero(inside)[0], col[inside]]

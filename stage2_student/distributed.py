@@ -1,8 +1,17 @@
 """Everything torch.distributed in stage 2: process-group set-up, the device mesh, and parallelisation.
 
 Model and loss code never call torch.distributed; the trainer calls these small functions in order
-(torchtitan's shape): `init_distributed` -> `build_mesh` -> `apply_activation_checkpointing` ->
-`parallelize` -> ... -> `cleanup`. Launch with torchrun (`hyperdistill train-student --nproc N`).
+(torchtitan's shape): `init_distributed` -> `load_student` -> `build_mesh` -> `apply_activation_checkpointing`
+-> `parallelize` -> `materialize_student` -> ... -> `cleanup`. Launch with torchrun
+(`hyperdistill train-student --nproc N`).
+
+The frozen student is read from disk once, by rank 0 (`load_student`); every other rank builds the same
+architecture on the meta device, so an 80B bf16 student costs one 160 GB host copy (rank 0's), not one per
+rank. FSDP2 shards the meta and the real modules alike; `materialize_student` then allocates the other ranks'
+shards (`to_empty`, the student only: the hypernetwork is real and seeded), fills every rank's shards from
+rank 0's full state dict by broadcast (torch.distributed.checkpoint's `set_model_state_dict`), and copies rank
+0's non-persistent buffers (rotary `inv_freq` and the like: not in any state dict, garbage after `to_empty`).
+Alone (no process group) the student is simply loaded.
 """
 
 from __future__ import annotations
@@ -13,8 +22,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
+
+from common.models import build_on_meta, load_causal_lm
 
 
 @dataclass(frozen=True)
@@ -108,6 +120,65 @@ def parallelize(distill: nn.Module, student: nn.Module, hypernet: nn.Module, mes
     fully_shard(hypernet, mesh=mesh)
     # The root is used right after its forward by backward: keep it gathered (torchtitan does the same).
     fully_shard(distill, mesh=mesh, reshard_after_forward=False)
+
+
+def load_student(student_cfg, env: DistEnv) -> tuple[nn.Module, dict[str, torch.Tensor] | None]:
+    """The frozen student and rank 0's full state dict for `materialize_student` (None when alone).
+
+    Rank 0 (or a lone process) loads the weights on CPU; ranks > 0 build the architecture on the meta device
+    and never open the weight files. The RNG is left as it was: from_pretrained draws from it and the meta
+    build does not, and the hypernetwork built next must be initialised identically on every rank.
+    """
+    s = student_cfg
+    with torch.random.fork_rng(devices=[]):
+        if env.is_main:
+            student = load_causal_lm(s.model, s.dtype, s.revision, s.trust_remote_code)
+        else:
+            student = build_on_meta(s.model, s.dtype, s.revision, s.trust_remote_code)
+    student.requires_grad_(False)
+    if not dist.is_initialized():
+        return student, None
+    # Taken before fully_shard replaces the parameters by shards: these references keep rank 0's full copy.
+    return student, (student.state_dict() if env.is_main else {})
+
+
+def materialize_student(student: nn.Module, full_state: dict[str, torch.Tensor] | None, env: DistEnv) -> None:
+    """After `parallelize`: give every rank real shards holding rank 0's weights, on env.device.
+
+    `full_state` is what `load_student` returned; it is emptied here, freeing rank 0's full copy."""
+    if full_state is None:
+        return
+    if any(t.is_meta for t in [*student.parameters(), *student.buffers()]):
+        student.to_empty(device=env.device)  # storage only; the values come next
+    else:
+        student.to(env.device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(student, full_state, options=options)
+    full_state.clear()
+    _broadcast_non_persistent_buffers(student, env)
+
+
+def _broadcast_non_persistent_buffers(module: nn.Module, env: DistEnv) -> None:
+    """Copy rank 0's buffers registered with persistent=False (absent from state dicts) to every rank.
+
+    Rank 0 sends each buffer's shape and dtype first, so a rank whose meta build differs in dtype still
+    ends up with rank 0's exact tensor."""
+    owners = {
+        f"{prefix}.{name}" if prefix else name: (sub, name)
+        for prefix, sub in module.named_modules()
+        for name in sub._non_persistent_buffers_set
+        if sub._buffers.get(name) is not None
+    }
+    names = sorted(owners)
+    specs = [[(tuple(getattr(*owners[n]).shape), getattr(*owners[n]).dtype) for n in names] if env.is_main else None]
+    dist.broadcast_object_list(specs, src=0)
+    if len(specs[0]) != len(names):
+        raise RuntimeError(f"rank {env.rank}: {len(names)} non-persistent buffers, rank 0 has {len(specs[0])}")
+    for name, (shape, dtype) in zip(names, specs[0]):
+        sub, attr = owners[name]
+        value = sub._buffers[attr].to(env.device) if env.is_main else torch.empty(shape, dtype=dtype, device=env.device)
+        dist.broadcast(value, src=0)
+        sub._buffers[attr] = value
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

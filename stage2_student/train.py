@@ -9,7 +9,8 @@ forward with the LoRA hooks -> hidden states at the cached rows -> chunked lm_he
 
 Sampled caches (cache.rows = "sampled"): rows of N teacher draws at T = 1. With train.loss = forward_tail
 and temperature 1 the loss on them is the RS-KD loss, an unbiased estimate of the full-vocabulary forward
-KL's gradient (losses.py); any other loss or temperature would be biased, so those are refused.
+KL's gradient when every draw is named (support 'full'; losses.py); any other loss or temperature would be
+biased, so those are refused, and a cache whose tail draws are unnamed (vLLM's top-K support) is warned about.
 
 A resident teacher (train.online_teacher / train.eval_teacher): `ResidentTeacher` loads teacher.model in
 stage 2, frozen, and every rank holds a whole copy outside the FSDP-wrapped DistillModel. It exists for
@@ -21,6 +22,7 @@ KL and the top-1 agreement with the teacher's argmax ("kl_full", "top1_full") to
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
@@ -122,6 +124,12 @@ def check_sampled_rows(reader: CacheReader, cfg: RunConfig) -> None:
             f"cache {reader.path}: sampled rows ({sampled.draws} draws at T=1) need train.loss=forward_tail and "
             f"train.temperature=1.0 (got {cfg.train.loss}, {cfg.train.temperature}): only the forward "
             "cross-entropy on draws from the teacher is unbiased"
+        )
+    if sampled.support_k is not None:
+        logging.getLogger("hyperdistill.stage2").warning(
+            "cache %s: sampled rows with support top-%d (vLLM): draws beyond the teacher's top-K are unnamed, "
+            "so the target is slightly biased toward the drawn ids (see cache_schema.layout)", reader.path,
+            sampled.support_k,
         )
 
 
@@ -240,8 +248,8 @@ def train(cfg: RunConfig, env) -> dict[str, float]:
     pin = env.device.type == "cuda"
 
     # ---- models: frozen student (bf16), hypernetwork (fp32), LoRA hooks, FSDP2 ---------------------
-    student = load_causal_lm(cfg.student.model, cfg.student.dtype, cfg.student.revision, cfg.student.trust_remote_code)
-    student.requires_grad_(False)
+    # Rank 0 reads the weights; other ranks build it on the meta device (distributed.py's docstring).
+    student, full_state = distributed.load_student(cfg.student, env)
     targets = resolve_targets(student, cfg.hyper.targets)
     hypernet = HyperNetwork(cfg.hyper, targets, embed_dim=student.config.hidden_size, head_chunk=cfg.hyper.head_chunk)
     injector = LoRAInjector(student, targets, scale=cfg.hyper.alpha / cfg.hyper.rank)
@@ -250,6 +258,7 @@ def train(cfg: RunConfig, env) -> dict[str, float]:
         distributed.apply_activation_checkpointing(student)
     mesh = distributed.build_mesh(env, distributed.ParallelDims.for_world(env.world_size, cfg.train.shard_size))
     distributed.parallelize(model, student, hypernet, mesh)
+    distributed.materialize_student(student, full_state, env)
     model.to(env.device)
     resident = None
     if cfg.train.online_teacher or cfg.train.eval_teacher:

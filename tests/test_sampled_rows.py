@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -253,13 +254,20 @@ def test_verify_flags_counts_above_n(tmp_path):
     assert all(p.sample_id == "a" for p in report.problems)
 
 
-def test_verify_full_support_wants_every_draw(tmp_path):
-    """With support 'full' (HF), a tail draw cannot exist: rows whose counts sum below N are flagged."""
+def test_full_support_wants_every_draw(tmp_path):
+    """With support 'full' (HF), a tail draw cannot exist: the writer refuses one, and verify flags rows whose
+    counts sum below N (here: a top-K-support cache whose metadata is changed to 'full' afterwards)."""
     rng = np.random.default_rng(2)
-    path = str(tmp_path / "c.zarr")
     s = sampled_sample(rng, "a")
     assert (s.draws == -1).any()
-    write(path, [s], sampled_meta(sampled=SamplingMeta(draws=N, seed=0)))
+    store = CacheStore.create_or_open(str(tmp_path / "full.zarr"), sampled_meta(sampled=SamplingMeta(draws=N, seed=0)))
+    with pytest.raises(UserError, match="sample 'a'.*draws holds -1.*support is 'full'"):
+        with store.open_part_writer(0, owner="test") as w:
+            w.add(s)
+    path = str(tmp_path / "c.zarr")
+    write(path, [s])
+    root = zarr.open_group(path, mode="r+")
+    root.attrs["sampled"] = {**root.attrs["sampled"], "support_k": None}
     assert {p.check for p in verify_cache(path).problems} == {"draw_counts"}
 
 
@@ -374,3 +382,49 @@ def test_stage2_loss_on_sampled_rows_has_the_full_kl_gradient_in_expectation():
     topk_loss = kl_from_logprobs(torch.log_softmax(logits, dim=-1)[top], torch.log(p[top]), "forward_tail").mean()
     (topk_grad,) = torch.autograd.grad(topk_loss, logits)
     assert (topk_grad - exact).abs().max() > 8 * se.max()  # deterministic: no sampling noise to hide in
+
+
+def test_draws_depend_on_the_row_alone_not_its_index_in_the_call():
+    """Far down a long call the row lift of draws_from_topk rounds at float64's spacing there; the draw must
+    still be the one the row gets alone (a uniform 1e-10 below a CDF edge stays below it)."""
+    rows = 2**20
+    ids = np.tile(np.array([[5, 6]], dtype=np.uint32), (rows, 1))
+    logprobs = np.full((rows, 2), np.log(0.5), dtype=np.float32)
+    u = np.full((rows, 1), float(np.exp(np.float64(np.float32(np.log(0.5))))) - 1e-10)
+    alone = draws_from_topk(ids[-1:], logprobs[-1:], u[-1:])
+    assert alone[0, 0] == 5
+    assert draws_from_topk(ids, logprobs, u)[-1, 0] == alone[0, 0]
+
+
+@pytest.mark.parametrize("row, message", [
+    ([np.nan, np.log(0.2)], "not finite"),
+    ([np.log(0.9), np.log(0.9)], "summing above 1"),
+    ([np.log(0.1), np.log(0.6)], "rank order"),
+])  # fmt: skip
+def test_stage1_refuses_broken_teacher_rows_before_they_become_draws(row, message):
+    """A sampled cache stores only the draws, so stage 1 checks the top-K rows they come from."""
+    from types import SimpleNamespace
+
+    from stage1_teacher.backend import TopK
+    from stage1_teacher.run import _check_teacher_rows
+
+    good = [np.log(0.6), np.log(0.3)]
+    rows = TopK(np.array([[3, 4], [5, 6]], dtype=np.uint32), np.array([good, row], dtype=np.float32))
+    store = SimpleNamespace(meta=SimpleNamespace(vocab_size=VOCAB), path="c.zarr")
+    with pytest.raises(UserError, match=rf"sample 'traj-9'.*{message}.*first at position 41"):
+        _check_teacher_rows(store, "traj-9", np.array([40, 41]), rows)
+    _check_teacher_rows(store, "traj-9", np.array([40, 41]), TopK(rows.ids, np.array([good, good], np.float32)))
+
+
+def test_hf_tail_resolution_when_the_top_k_is_the_whole_vocabulary():
+    """K = V: nothing lies outside the top-K, yet float rounding can leave the top-K's summed mass just below
+    1 and u above it; the draw is then the top-K's last entry (not an error)."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+    top_lp, top_ids = torch.topk(torch.log_softmax(logits, dim=-1), 6, dim=-1)
+    ids = top_ids.numpy().astype(np.uint32)
+    logprobs = top_lp.numpy() - np.float32(1e-6)  # rounding's deficit, exaggerated: the mass sums to ~1 - 6e-6
+    u = np.array([[1.0 - 1e-7, 0.0]])
+    draws = draws_from_topk(ids, logprobs, u)
+    assert draws[0, 0] == TAIL_DRAW and draws[0, 1] == ids[0, 0]
+    out = resolve_tail_draws(logits, ids, logprobs, u, draws)
+    assert out[0, 0] == ids[0, -1] and out[0, 1] == ids[0, 0]
