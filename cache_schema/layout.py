@@ -352,6 +352,21 @@ def describe_rows(bad: np.ndarray, positions: np.ndarray, what: str) -> str:
     return f"{what} in {int(bad.sum())} of {len(bad)} rows (first at position {int(positions[first])})"
 
 
+def check_teacher_rows(topk_ids: np.ndarray, logprobs: np.ndarray, vocab_size: int, positions: np.ndarray, where: str,
+                       *, min_value: float | None = None, encoding: str = "") -> None:
+    """The writer's checks of a sample's teacher top-K rows (`row_violations` with the writer's tolerance, and
+    log-probs >= `min_value`, the encoding's smallest, when given): UserError '<where>: <first problem>'.
+    Stage 1 also runs it on the rows that sampled draws come from, which the writer never sees."""
+    violations = row_violations(topk_ids, logprobs, vocab_size, positive_tol=LOGPROB_POSITIVE_TOL)
+    if min_value is not None:
+        too_low = logprobs.min(axis=1) < min_value
+        if too_low.any():
+            violations.append(("range", too_low, f"log-probs below the {encoding} encoding's minimum {min_value:g}"))
+    if violations:
+        _, bad, what = violations[0]
+        raise UserError(f"{where}: {describe_rows(bad, positions, what)}")
+
+
 def config_hash(config: dict) -> str:
     """Short stable hash of a resolved run config (key order does not matter)."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -289,7 +289,7 @@ def _decode_block(out: DecodedRows, a: int, b: int, ids: np.ndarray, codes: np.n
     else:
         out.ids[a:b] = ids
     values = out.logprobs[a:b]
-    if logmass is None:
+    if logmass is None:  # fixed-K fp16 only (every ragged layout stores the mass): no padding to fill
         enc.decode(codes, out=values)
         out.tail[a:b] = tail_mass(values)
         if out.raw is not None:

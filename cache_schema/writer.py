@@ -27,10 +27,10 @@ import zarr
 
 from cache_schema.encoding import Encoding, get_encoding
 from cache_schema.layout import (
-    CHECKSUMS, DEFAULT_CHUNK_BYTES, DRAW_COUNTS, ENTRY_OFFSETS, ID_TABLE, INPUT_IDS, LEASE_FILE, LOGPROB_POSITIVE_TOL,
-    LOSS_MASK, PARTS_GROUP, POSITIONS, PROMPT_IDS, PROMPT_OFFSETS, ROW_OFFSETS, SAMPLE_IDS, TOKEN_OFFSETS, TOPK_COUNTS,
-    TOPK_IDS, TOPK_LOGPROBS, PartMeta, RootMeta, SampleRows, config_hash, describe_rows, part_arrays, part_path,
-    row_violations, sample_checksum, stored_positions,
+    CHECKSUMS, DEFAULT_CHUNK_BYTES, DRAW_COUNTS, ENTRY_OFFSETS, ID_TABLE, INPUT_IDS, LEASE_FILE, LOSS_MASK,
+    PARTS_GROUP, POSITIONS, PROMPT_IDS, PROMPT_OFFSETS, ROW_OFFSETS, SAMPLE_IDS, TOKEN_OFFSETS, TOPK_COUNTS, TOPK_IDS,
+    TOPK_LOGPROBS, PartMeta, RootMeta, SampleRows, check_teacher_rows, config_hash, part_arrays, part_path,
+    sample_checksum, stored_positions,
 )
 from cache_schema.lease import LEASE_TTL_S, PartLease
 from cache_schema.rows import IdTable, encode_rows
@@ -376,20 +376,11 @@ class PartWriter:
         if lp.size:
             if not np.issubdtype(lp.dtype, np.floating):
                 raise UserError(f"{where}: topk_logprobs must be floating point, got dtype {lp.dtype}")
-            self._check_rows(topk_ids, lp.astype(np.float32, copy=False), positions, where)
+            check_teacher_rows(topk_ids, lp.astype(np.float32, copy=False), vocab, positions, where,
+                               min_value=self.encoding.min_value, encoding=self.encoding.name)
         arrays[TOPK_IDS] = topk_ids.astype(np.uint32, copy=False)
         arrays[TOPK_LOGPROBS] = lp.astype(np.float32, copy=False)
         return arrays
-
-    def _check_rows(self, topk_ids: np.ndarray, lp: np.ndarray, positions: np.ndarray, where: str) -> None:
-        too_low = lp.min(axis=1) < self.encoding.min_value
-        violations = row_violations(topk_ids, lp, self.meta.vocab_size, positive_tol=LOGPROB_POSITIVE_TOL)
-        if too_low.any():
-            violations.append(("range", too_low, f"log-probs below the {self.encoding.name} encoding's minimum "
-                                                 f"{self.encoding.min_value:g}"))
-        if violations:
-            _, bad, what = violations[0]
-            raise UserError(f"{where}: {describe_rows(bad, positions, what)}")
 
     def finish(self, extra_attrs: dict[str, Any] | None = None) -> PartMeta:
         """Write the rest and mark the part complete (the very last write). Called automatically on a clean

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from cache_schema import CacheReader, CacheStore, PartBusy, RootMeta, SampleRows, stored_positions
-from cache_schema.layout import LOGPROB_POSITIVE_TOL, describe_rows, row_violations
+from cache_schema.layout import check_teacher_rows
 from common.config import RunConfig, config_hash, to_dict
 from common.errors import UserError
 from common.manifest import dataset_fingerprint, load_shard_samples
@@ -155,8 +155,10 @@ def run_shard(cfg: RunConfig, shard: int, store: CacheStore, backend, tokenizer,
             topk = backend.score(*request)
             t_engine += time.perf_counter() - t0
             for s, pos, rows in zip(batch, positions, topk):
-                if sampled:  # the writer sees only the draws: check the rows they came from here
-                    _check_teacher_rows(store, s.sample_id, pos, rows)
+                if sampled:  # the writer sees only the draws: check the top-K rows they came from here
+                    check_teacher_rows(rows.ids, rows.logprobs, store.meta.vocab_size, pos,
+                                       f"cache {store.path}: sample {s.sample_id!r}: the teacher's top-K rows the "
+                                       "draws come from")
                 teacher = {"draws": rows.draws} if sampled else {"topk_ids": rows.ids, "topk_logprobs": rows.logprobs}
                 part.add(
                     SampleRows(
@@ -187,17 +189,6 @@ def run_shard(cfg: RunConfig, shard: int, store: CacheStore, backend, tokenizer,
         shard, summary.samples, n_tokens, summary.rows, seconds, t_engine,
     )  # fmt: skip
     return summary
-
-
-def _check_teacher_rows(store: CacheStore, sample_id: str, positions, rows) -> None:
-    """The checks the writer makes on top-K rows (finite, rank order, <= 0, sum <= 1, ids in range and
-    distinct), for the top-K rows that a sampled cache's draws were made from: a broken row must not turn
-    into plausible-looking draws."""
-    broken = row_violations(rows.ids, rows.logprobs, store.meta.vocab_size, positive_tol=LOGPROB_POSITIVE_TOL)
-    if broken:
-        _, bad, what = broken[0]
-        raise UserError(f"cache {store.path}: sample {sample_id!r}: the teacher's top-K rows the draws come from: "
-                        f"{describe_rows(bad, positions, what)}")
 
 
 def _owner() -> str:

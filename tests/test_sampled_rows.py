@@ -403,17 +403,14 @@ def test_draws_depend_on_the_row_alone_not_its_index_in_the_call():
 ])  # fmt: skip
 def test_stage1_refuses_broken_teacher_rows_before_they_become_draws(row, message):
     """A sampled cache stores only the draws, so stage 1 checks the top-K rows they come from."""
-    from types import SimpleNamespace
-
-    from stage1_teacher.backend import TopK
-    from stage1_teacher.run import _check_teacher_rows
+    from cache_schema.layout import check_teacher_rows
 
     good = [np.log(0.6), np.log(0.3)]
-    rows = TopK(np.array([[3, 4], [5, 6]], dtype=np.uint32), np.array([good, row], dtype=np.float32))
-    store = SimpleNamespace(meta=SimpleNamespace(vocab_size=VOCAB), path="c.zarr")
+    ids = np.array([[3, 4], [5, 6]], dtype=np.uint32)
+    where = "cache c.zarr: sample 'traj-9': the teacher's top-K rows the draws come from"
     with pytest.raises(UserError, match=rf"sample 'traj-9'.*{message}.*first at position 41"):
-        _check_teacher_rows(store, "traj-9", np.array([40, 41]), rows)
-    _check_teacher_rows(store, "traj-9", np.array([40, 41]), TopK(rows.ids, np.array([good, good], np.float32)))
+        check_teacher_rows(ids, np.array([good, row], dtype=np.float32), VOCAB, np.array([40, 41]), where)
+    check_teacher_rows(ids, np.array([good, good], dtype=np.float32), VOCAB, np.array([40, 41]), where)
 
 
 def test_hf_tail_resolution_when_the_top_k_is_the_whole_vocabulary():
