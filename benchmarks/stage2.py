@@ -16,7 +16,8 @@
     - plain: the student without LoRA; a trainable zero vector added to its input embeddings stands in
       for the hypernetwork, so that backward runs through every block as it must with LoRA;
     - lora_fixed: per-sample LoRA (LoRAInjector) with fixed trainable A, B: the cost of injection alone;
-    - hypernet: the trainer's DistillModel: hypernetwork(prompt) -> per-sample LoRA -> student -> loss.
+    - hypernet: the trainer's DistillModel (model.build_distill_model): hypernetwork(prompt) -> per-sample
+      LoRA -> student -> loss.
     All three with the demo config's activation checkpointing, loss chunk and hypernetwork; one thread;
     alternating, median over repeats.
 
@@ -252,17 +253,12 @@ class LoRAStep:
     def __init__(self, cfg, batch_size: int, fixed: bool):
         from common.models import load_causal_lm
         from stage2_student.distributed import apply_activation_checkpointing
-        from stage2_student.hypernet import HyperNetwork
-        from stage2_student.lora import LoRAInjector
-        from stage2_student.targets import resolve_targets
-        from stage2_student.train import DistillModel
+        from stage2_student.model import build_distill_model
 
         self.cfg, self.fixed = cfg, fixed
         student = load_causal_lm(cfg.student.model, cfg.student.dtype).requires_grad_(False)
-        targets = resolve_targets(student, cfg.hyper.targets)
-        self.hypernet = HyperNetwork(cfg.hyper, targets, student.config.hidden_size, cfg.hyper.head_chunk)
-        self.injector = LoRAInjector(student, targets, scale=cfg.hyper.alpha / cfg.hyper.rank)
-        self.model = DistillModel(student, self.hypernet, self.injector, cfg)
+        self.model = build_distill_model(cfg, student)
+        self.hypernet, self.injector, targets = self.model.hypernet, self.model.injector, self.model.targets
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(student)
         self.model.train()
@@ -293,11 +289,8 @@ class LoRAStep:
                 out = topk_distill_loss(hidden[batch.row_sample, batch.row_position], student.lm_head.weight,
                                         batch.topk_ids, batch.topk_logprobs, chunk=self.cfg.train.loss_chunk)
                 return _finish_step(out.loss, self.optimizer)
-        out = self.model(batch)
-        try:
-            return _finish_step(out.loss, self.optimizer)
-        finally:
-            self.injector.clear()
+        with self.model.lora_scope():
+            return _finish_step(self.model(batch).loss, self.optimizer)
 
 
 def _finish_step(row_loss: torch.Tensor, optimizer) -> float:

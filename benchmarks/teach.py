@@ -163,8 +163,10 @@ def row_stats(path: str) -> dict[str, float]:
     return {"entries_per_row": entries / max(rows, 1), "mass_per_row": mass / max(rows, 1)}
 
 
-def train_once(s: Settings, workdir: Path, cache_path: str, name: str, seed: int, online: bool) -> dict:
-    """One training run in this process (one rank, no process group: no FSDP) from scratch."""
+def train_once(s: Settings, workdir: Path, cache_path: str, name: str, seed: int, online: bool,
+               cache_overrides: tuple[str, ...] = ()) -> dict:
+    """One training run in this process (one rank, no process group: no FSDP) from scratch; `cache_overrides`
+    say what the cache holds (stage 2 refuses a config whose cache.k or cache.rows differ from the cache's)."""
     from common.config import load_config
     from stage2_student.distributed import DistEnv
     from stage2_student.train import train
@@ -172,7 +174,8 @@ def train_once(s: Settings, workdir: Path, cache_path: str, name: str, seed: int
     out = data_dir(s, workdir) / "train" / f"{slug(name)}-{s.steps}steps-seed{seed}"
     shutil.rmtree(out, ignore_errors=True)  # a leftover checkpoint would be resumed, not retrained
     overrides = [*base_overrides(s, workdir), f"cache.path={cache_path}", f"train.output_dir={out}",
-                 f"train.seed={seed}", f"train.online_teacher={'true' if online else 'false'}"]  # fmt: skip
+                 f"train.seed={seed}", f"train.online_teacher={'true' if online else 'false'}",
+                 *cache_overrides]  # fmt: skip
     cfg = load_config(DEMO_CONFIG, overrides)
     t0 = time.perf_counter()
     result = train(cfg, DistEnv(0, 1, 0, torch.device("cpu"), "gloo"))
@@ -192,10 +195,12 @@ def run(s: Settings, workdir: Path) -> dict:
     t0 = time.perf_counter()
     caches = build_caches(s, workdir)
     runs: dict[str, list[dict]] = {}
-    variants = [(ONLINE, caches[ONLINE_CACHE]["path"], True)] + [(n, c["path"], False) for n, c in caches.items()]
+    overrides = {v.name: v.overrides for v in cache_variants(s)}
+    variants = [(ONLINE, caches[ONLINE_CACHE]["path"], True, overrides[ONLINE_CACHE])]
+    variants += [(n, c["path"], False, overrides[n]) for n, c in caches.items()]
     for seed in s.seeds:  # seeds outermost: a cut-short run still has every variant at the first seeds
-        for name, path, online in variants:
-            runs.setdefault(name, []).append(train_once(s, workdir, path, name, seed, online))
+        for name, path, online, cache_sets in variants:
+            runs.setdefault(name, []).append(train_once(s, workdir, path, name, seed, online, cache_sets))
     return {
         "settings": dataclasses.asdict(s),
         "caches": caches,

@@ -1,5 +1,5 @@
 """One writer per part: a lease file `parts/NNNNN/writer.lease` holding owner, host, pid, a random token
-and an expiry time.
+and an expiry time. (`Lease` is the mechanism for any one file; stage 2 leases its train.output_dir with it.)
 
 - Claim: the file is created exclusively (O_EXCL on local paths, so two claimants cannot both win).
 - A live lease held by another owner -> `PartBusy`. The same owner may re-claim (a restarted worker).
@@ -34,7 +34,7 @@ LEASE_TTL_S = 600.0
 
 
 class PartBusy(UserError):
-    """Another live owner holds the part's lease."""
+    """Another live owner holds the lease (of a part, or whatever the `Lease` guards)."""
 
 
 class LeaseLost(UserError):
@@ -86,17 +86,18 @@ class LeaseRecord:
         return f"owner {self.owner!r} (host {self.host}, pid {self.pid}, expires {time.ctime(self.expires)})"
 
 
-class PartLease:
-    """The lease on one part folder (`part_rel`, e.g. 'parts/00017'). Use as a context manager or call
-    acquire() / release(); renew_if_due() on progress; check() before marking the part complete."""
+class Lease:
+    """The lease file `key` under `location`, guarding what `where` names (in messages). Use as a context
+    manager or call acquire() / release(); renew_if_due() on progress; check() before committing work."""
 
-    def __init__(self, location: CacheLocation, part_rel: str, owner: str, ttl_s: float = LEASE_TTL_S):
+    def __init__(self, location: CacheLocation, key: str, owner: str, ttl_s: float = LEASE_TTL_S, *, where: str):
         if not owner:
             raise UserError("lease owner must be a non-empty string")
         if ttl_s <= 0:
             raise UserError(f"lease ttl_s must be > 0, got {ttl_s}")
         self.location = location
-        self.key = f"{part_rel}/{LEASE_FILE}"
+        self.key = key
+        self.where = where
         self.owner = owner
         self.ttl_s = ttl_s
         self.record: LeaseRecord | None = None
@@ -112,7 +113,7 @@ class PartLease:
         return (False, None) if data is None else (True, LeaseRecord.from_bytes(data))
 
     def _where(self) -> str:
-        return f"cache {self.location.path} {self.key.rsplit('/', 1)[0]}"
+        return self.where
 
     def acquire(self) -> None:
         """Claim the lease or raise PartBusy naming the holder."""
@@ -177,9 +178,16 @@ class PartLease:
             self.location.delete(self.key)
         self.record = None
 
-    def __enter__(self) -> PartLease:
+    def __enter__(self) -> Lease:
         self.acquire()
         return self
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class PartLease(Lease):
+    """The lease on one part folder (`part_rel`, e.g. 'parts/00017'): its writer.lease file."""
+
+    def __init__(self, location: CacheLocation, part_rel: str, owner: str, ttl_s: float = LEASE_TTL_S):
+        super().__init__(location, f"{part_rel}/{LEASE_FILE}", owner, ttl_s, where=f"cache {location.path} {part_rel}")

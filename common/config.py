@@ -136,6 +136,8 @@ class HyperConfig:
     """Hidden width of the shared generator MLP."""
     head_chunk: int = 256
     """A and B are emitted in chunks of this many columns/rows by heads shared across chunks."""
+    mode: Literal["hypernetwork", "static"] = "hypernetwork"
+    """'hypernetwork': a LoRA per task prompt; 'static': one trainable LoRA shared by every sample (the baseline)."""
 
 
 @dataclass
@@ -354,9 +356,11 @@ def to_dict(cfg: Any) -> dict:
 
 
 def config_hash(cfg: Any) -> str:
+    """Of a config, or of the dict `to_dict` made of one (e.g. as saved, before fields were added since)."""
     import hashlib
 
-    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+    raw = cfg if isinstance(cfg, dict) else to_dict(cfg)
+    return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def save_resolved(cfg: RunConfig, directory: str | Path) -> Path:

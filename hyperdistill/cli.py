@@ -145,17 +145,13 @@ def _parse_shards(spec: str | None) -> list[int] | None:
 def train_student_cmd(config_path: str, overrides: tuple[str, ...], nproc: int) -> None:
     """Stage 2: train the hypernetwork on the cache with FSDP2 (launches torchrun on this node).
 
-    Resumes from the newest checkpoint in train.output_dir. For several nodes, call torchrun directly
+    Checks the config, the cache and train.output_dir first, and leases the folder to this run. Resumes from
+    the newest checkpoint in train.output_dir. For several nodes, call torchrun directly
     (see README: `torchrun --nnodes ... -m stage2_student.train`).
     """
-    import subprocess
+    from stage2_student.launch import launch
 
-    _load(config_path, overrides)  # validate before launching processes
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "stage2_student.train", "--config", config_path]  # fmt: skip
-    for item in overrides:
-        cmd += ["--set", item]
-    sys.exit(subprocess.call(cmd))
+    sys.exit(launch(_load(config_path, overrides), config_path, overrides, nproc))
 
 
 @main.command("preflight")
@@ -186,7 +182,7 @@ def param_count_cmd(config_path: str, overrides: tuple[str, ...]) -> None:
     cfg = _load(config_path, overrides)
     student, source = model_config(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code)
     click.echo(f"student {cfg.student.model} (config: {source})")
-    for key, value in count_hypernet_params(cfg.hyper, student).items():
+    for key, value in count_hypernet_params(cfg, student).items():
         click.echo(f"{key:>28}: {value:,}" if isinstance(value, int) else f"{key:>28}: {value}")
 
 

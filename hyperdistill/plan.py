@@ -445,6 +445,33 @@ def _lora_width(cfg: RunConfig, student: ModelShape) -> tuple[int, int]:
     return sum(cfg.hyper.rank * (t.in_features + t.out_features) for t in targets), max(per_layer.values())
 
 
+def stage2_memory(
+    cfg: RunConfig,
+    student: ModelShape,
+    hyper_params: int,
+    shard: int,
+    seq: int,
+    overhead_gb: float,
+    lora_block_width: int | None = None,
+) -> dict[str, float]:
+    """Stage 2's memory per GPU, in GB by part, at context `seq` with the student sharded over `shard` ranks
+    (the module docstring's model; `preflight` checks the same figures against the device it runs on)."""
+    if lora_block_width is None:
+        lora_block_width = _lora_width(cfg, student)[1]
+    wbytes = _dtype_bytes(cfg.student.dtype)
+    b = cfg.train.batch_size
+    return {
+        "student shard": student.params * wbytes / shard / GB,
+        "gathered blocks": 2 * student.max_block_params * wbytes / GB,
+        "gathered root": student.root_params * wbytes / GB,
+        "hypernetwork": hyper_params * (16 / shard + 4) / GB,
+        "loss chunk": cfg.train.loss_chunk * student.vocab * 4 * 2 / GB,
+        "overhead": overhead_gb,
+        "saved block inputs": b * seq * student.hidden * wbytes * student.layers / GB,
+        "block activations": b * seq * (student.block_act_values * wbytes * 2 + lora_block_width * 4) / GB,
+    }
+
+
 def plan_stage2(cfg: RunConfig, hw: Hardware, student: ModelShape, data: Dataset) -> Stage2:
     """Stage 2's mesh, per-phase steps, tokens, memory per GPU (refused if it does not fit) and time."""
     from stage2_student.param_count import count_hypernet_params
@@ -455,7 +482,7 @@ def plan_stage2(cfg: RunConfig, hw: Hardware, student: ModelShape, data: Dataset
     if world % shard:
         raise UserError(f"stage 2 (train-student): train.shard_size {shard} does not divide {world} GPUs")
     replicate = world // shard
-    hyper_params = count_hypernet_params(cfg.hyper, student.config)["params"]["total"]
+    hyper_params = count_hypernet_params(cfg, student.config)["params"]["total"]
     lora_flops_unit, lora_block_width = _lora_width(cfg, student)
     wbytes = _dtype_bytes(cfg.student.dtype)
     frac = (shard - 1) / shard
@@ -467,21 +494,6 @@ def plan_stage2(cfg: RunConfig, hw: Hardware, student: ModelShape, data: Dataset
     comm_s = gather_gb / hw.allgather_gbps + cross_node_gb / hw.internode_gbps
     peak = hw.peak_tflops * 1e12 * hw.mfu_student
     b = tr.batch_size
-    static = {
-        "student shard": student.params * wbytes / shard / GB,
-        "gathered blocks": 2 * student.max_block_params * wbytes / GB,
-        "gathered root": student.root_params * wbytes / GB,
-        "hypernetwork": hyper_params * (16 / shard + 4) / GB,
-        "loss chunk": tr.loss_chunk * student.vocab * 4 * 2 / GB,
-        "overhead": hw.overhead_gb,
-    }
-
-    def memory(seq: int) -> dict[str, float]:
-        acts = {
-            "saved block inputs": b * seq * student.hidden * wbytes * student.layers / GB,
-            "block activations": b * seq * (student.block_act_values * wbytes * 2 + lora_block_width * 4) / GB,
-        }
-        return {**static, **acts}
 
     def train_flops(mean_ctx: float) -> float:
         linear = 2 * (student.active_params - student.lm_head_params) + student.linear_attention_flops()
@@ -501,7 +513,7 @@ def plan_stage2(cfg: RunConfig, hw: Hardware, student: ModelShape, data: Dataset
         ctx = mean_context(cut)
         per_token = train_flops(ctx) + 3 * 2 * student.lm_head_params * rows_ps / tokens_ps
         per_sample = tokens_ps * per_token + 6 * hyper_params * data.prompt_tokens
-        mem = memory(p.seq_len)
+        mem = stage2_memory(cfg, student, hyper_params, shard, p.seq_len, hw.overhead_gb, lora_block_width)
         if sum(mem.values()) > hw.gpu_mem_gb:
             where = f"stage 2 (train-student), phase {p.name} at seq_len {p.seq_len}"
             raise _over(where, mem, hw.gpu_mem_gb, f"the {hw.gpu_mem_gb:g} GB of one GPU")

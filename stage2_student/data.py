@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from common.errors import UserError
 from common.sharding import is_heldout
 
 
@@ -64,6 +65,47 @@ def rank_batches(order: list[int], batch_size: int, rank: int, world_size: int) 
     global_bs = batch_size * world_size
     n = len(order) // global_bs
     return [order[b * global_bs + rank * batch_size : b * global_bs + (rank + 1) * batch_size] for b in range(n)]
+
+
+@dataclass
+class Plan:
+    """Per phase, this rank's batches (lists of cache indices) and the global step at which it starts."""
+
+    batches: list[list[list[int]]]
+    starts: list[int]
+    total_steps: int
+
+
+def plan_phases(cfg, train_idx: list[int], rank: int, world_size: int) -> Plan:
+    """Every phase's micro-batches for `rank` of `world_size`, cut to whole optimizer steps (UserError when no
+    step fits: checked before launch too)."""
+    batches, starts, step = [], [], 0
+    per_step = cfg.train.grad_accum
+    for p, phase in enumerate(cfg.train.phases):
+        order = phase_order(train_idx, phase.samples, phase.epochs, cfg.train.seed, p)
+        micro = rank_batches(order, cfg.train.batch_size, rank, world_size)
+        micro = micro[: len(micro) // per_step * per_step]
+        batches.append(micro)
+        starts.append(step)
+        step += len(micro) // per_step
+    if cfg.train.max_steps is not None:
+        step = min(step, cfg.train.max_steps)
+    if step == 0:
+        raise UserError(
+            f"train: no optimizer step fits: {len(train_idx)} training samples for batch_size={cfg.train.batch_size} "
+            f"x {world_size} ranks x grad_accum={cfg.train.grad_accum}"
+        )
+    return Plan(batches, starts, step)
+
+
+def eval_batches(heldout_idx: list[int], batch_size: int, rank: int, world_size: int) -> tuple[list[list[int]], list[bool]]:
+    """This rank's held-out batches and whether each counts. Every rank runs the same number of forwards
+    (FSDP's collectives must match): ranks with fewer batches repeat one and do not count it."""
+    batches = [heldout_idx[i : i + batch_size] for i in range(0, len(heldout_idx), batch_size)]
+    mine = batches[rank::world_size]
+    per_rank = math.ceil(len(batches) / world_size)
+    pad = per_rank - len(mine)
+    return mine + batches[:1] * pad, [True] * len(mine) + [False] * pad
 
 
 class CacheSamples(torch.utils.data.Dataset):

@@ -188,6 +188,15 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def broadcast_from_main(value):
+    """Rank 0's `value` (any picklable object) on every rank (itself when alone)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

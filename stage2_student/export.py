@@ -2,6 +2,7 @@
 
     hyperdistill export-lora --checkpoint runs/demo/student --prompt task.md --out adapters/task
     hyperdistill export-lora --checkpoint CKPT --prompts-jsonl tasks.jsonl --out adapters/   # one folder per line
+    hyperdistill export-lora --checkpoint runs/static/student --out adapters/static    # hyper.mode=static: no prompt
 
 The adapter is what `peft.PeftModel.from_pretrained(student, folder)` loads (and vLLM's `LoRARequest`):
     adapter_config.json          peft 0.21.2's own LoraConfig, written by peft: LORA, CAUSAL_LM, r, lora_alpha,
@@ -10,6 +11,7 @@ The adapter is what `peft.PeftModel.from_pretrained(student, folder)` loads (and
     export.json                  where it came from: checkpoint, step, config hash, prompt, dropped targets
 PEFT computes W x + (lora_alpha / r) * B (A x), the same update the trainer's LoRAInjector applies with
 scale = alpha / rank, so the adapter reproduces the in-training student for that prompt exactly (fp32).
+A static run (hyper.mode=static) trained one LoRA for every task: it exports that one adapter, without a prompt.
 
 Everything runs in one process without a process group: the hypernetwork is small, DCP loads its shards
 into one full state dict, and the student is built on the meta device (module names and shapes only);
@@ -33,8 +35,8 @@ from common.errors import UserError
 from common.rendering import tokenize_prompt
 from common.tiny_models import TINY_NAMES
 from stage2_student import checkpoint as ckpt_io
-from stage2_student.hypernet import HyperNetwork
-from stage2_student.targets import Target, resolve_targets
+from stage2_student.model import build_distill_model
+from stage2_student.targets import Target
 
 HYPERNET_KEY = "hypernet"
 """Top-level key of the hypernetwork's state in the DCP checkpoint (see checkpoint._state)."""
@@ -108,14 +110,14 @@ def read_prompts_jsonl(path: str | Path) -> list[tuple[str, str]]:
     return prompts
 
 
-def _check_names(prompts: Sequence[tuple[str, str]]) -> None:
+def _check_names(prompts: Sequence[tuple[str, str | None]]) -> None:
     seen: set[str] = set()
     for name, text in prompts:
         if not _NAME.match(name):
             raise UserError(f"prompt {name!r}: a name must be a folder name (letters, digits, '.', '_', '-')")
         if name in seen:
             raise UserError(f"prompt {name!r}: name used twice (each prompt gets its own adapter folder)")
-        if not text.strip():
+        if text is not None and not text.strip():
             raise UserError(f"prompt {name!r}: empty prompt")
         seen.add(name)
 
@@ -180,7 +182,7 @@ def servable_targets(targets: list[Target], model_type: str) -> tuple[list[Targe
 # The hypernetwork from the DCP checkpoint
 
 
-def _load_hypernet(path: Path, hypernet: HyperNetwork) -> dict[str, int]:
+def _load_hypernet(path: Path, hypernet: torch.nn.Module) -> dict[str, int]:
     """Load the "hypernet" entries of a DCP checkpoint into `hypernet`, in this one process; return the
     saved loop position (step, phase). The optimizer state and RNG are not read.
 
@@ -256,12 +258,13 @@ def _write_adapter(
 
 
 def export_lora(
-    checkpoint: str | Path, prompts: Sequence[tuple[str, str]], out_dir: str | Path, servable_only: bool = False
+    checkpoint: str | Path, prompts: Sequence[tuple[str, str | None]], out_dir: str | Path, servable_only: bool = False
 ) -> list[Path]:
     """Write one PEFT LoRA adapter per (name, prompt) into out_dir/name; return the folders.
 
     The run config comes from the checkpoint's config.json; the checkpoint must have been trained on the
-    student that config resolves to, and its hypernetwork must fit the targets resolved on it.
+    student that config resolves to, and its hypernetwork must fit the targets resolved on it. A static
+    run's checkpoint (hyper.mode=static) takes one (name, None): its one adapter needs no prompt.
     `servable_only` keeps only the targets vLLM can serve LoRA on (VLLM_LORA_MODULES).
     """
     from common.models import load_tokenizer, resolve_model
@@ -272,7 +275,8 @@ def export_lora(
     if not all(k in saved for k in ("hash", "config", "student")):
         raise UserError(f"checkpoint {path}: config.json lacks 'hash', 'config' or 'student'")
     cfg = config_from_dict(saved["config"])
-    if config_hash(cfg) != saved["hash"]:
+    # The saved dict's own hash: a checkpoint from before a config field was added still matches it.
+    if config_hash(saved["config"]) != saved["hash"]:
         raise UserError(f"checkpoint {path}: config.json's config does not match its hash (edited after saving?)")
     student_path = str(resolve_model(cfg.student.model))
     if Path(student_path).resolve() != Path(saved["student"]).resolve():
@@ -281,19 +285,29 @@ def export_lora(
             f"{cfg.student.model!r} resolves to {student_path}"
         )
 
-    # ---- targets, hypernetwork, embedding table -------------------------------------------------
+    static = cfg.hyper.mode == "static"
+    if static and any(text is not None for _, text in prompts):
+        raise UserError(f"checkpoint {path}: a static LoRA (hyper.mode=static) is one adapter for every task: "
+                        "export it without --prompt or --prompts-jsonl")  # fmt: skip
+    if not static and any(text is None for _, text in prompts):
+        raise UserError("export-lora: give exactly one of --prompt and --prompts-jsonl (this checkpoint's "
+                        "hypernetwork writes one adapter per task prompt)")  # fmt: skip
+
+    # ---- the trainer's model on a meta-device student, its LoRA writer from the checkpoint -------------
     skeleton, student_config = _student_skeleton(cfg, student_path)
-    targets = resolve_targets(skeleton, cfg.hyper.targets)
-    hypernet = HyperNetwork(cfg.hyper, targets, embed_dim=student_config.hidden_size)
+    model = build_distill_model(cfg, skeleton)
+    model.injector.remove()  # names and shapes only: the skeleton never runs
+    hypernet, targets = model.hypernet, model.targets
     loop = _load_hypernet(path, hypernet)
     hypernet.eval()
     kept, dropped = servable_targets(targets, student_config.model_type) if servable_only else (targets, [])
     if not kept:
         raise UserError(f"--servable-only: none of the {len(targets)} targets is served by vLLM")
-    # As in training: the student's weights in cfg.student.dtype, the embeddings read as float32.
-    dtype = getattr(torch, cfg.student.dtype)
-    embedding = _load_tensor(Path(student_path), _embedding_key(skeleton)).to(dtype)  # [V, E]
-    tokenizer = load_tokenizer(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code)
+    if not static:
+        # As in training: the student's weights in cfg.student.dtype, the embeddings read as float32.
+        dtype = getattr(torch, cfg.student.dtype)
+        embedding = _load_tensor(Path(student_path), _embedding_key(skeleton)).to(dtype)  # [V, E]
+        tokenizer = load_tokenizer(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code)
 
     # ---- one adapter per prompt -------------------------------------------------------------------
     # A hub id or path names the base model for others; a tiny model only exists as this machine's build.
@@ -301,17 +315,22 @@ def export_lora(
     out = Path(out_dir)
     folders = []
     for name, text in prompts:
-        ids = tokenize_prompt(tokenizer, text, cfg.data.max_prompt_tokens)  # as the cache's prompt_ids
-        if not len(ids):
-            raise UserError(f"prompt {name!r}: tokenises to nothing")
-        prompt_ids = torch.as_tensor(ids.astype("int64"))[None]  # [1, P]
-        with torch.no_grad():
-            lora = hypernet(embedding[prompt_ids].float(), torch.ones_like(prompt_ids, dtype=torch.bool))
-        lora = {t.name: (lora[t.name][0][0], lora[t.name][1][0]) for t in kept}  # A [r, d_in], B [d_out, r]
+        if static:
+            ids, lora = [], hypernet.adapter()
+        else:
+            ids = tokenize_prompt(tokenizer, text, cfg.data.max_prompt_tokens)  # as the cache's prompt_ids
+            if not len(ids):
+                raise UserError(f"prompt {name!r}: tokenises to nothing")
+            prompt_ids = torch.as_tensor(ids.astype("int64"))[None]  # [1, P]
+            with torch.no_grad():
+                lora = hypernet(embedding[prompt_ids].float(), torch.ones_like(prompt_ids, dtype=torch.bool))
+            lora = {t: (a[0], b[0]) for t, (a, b) in lora.items()}
+        lora = {t.name: lora[t.name] for t in kept}  # A [r, d_in], B [d_out, r]
         info = {
             "checkpoint": str(path.resolve()),
             "step": loop.get("step"),
             "config_hash": saved["hash"],
+            "mode": cfg.hyper.mode,
             "student": student_path,
             "prompt_name": name,
             "prompt_tokens": len(ids),
@@ -336,7 +355,7 @@ def _make_command():
     @click.option("--checkpoint", "checkpoint", required=True, type=click.Path(exists=True),
                   help="A checkpoint step folder, or a run's train.output_dir (its newest checkpoint).")
     @click.option("--prompt", "prompt", default=None, metavar="FILE|TEXT",
-                  help="The task prompt: a file to read, or the text itself.")
+                  help="The task prompt: a file to read, or the text itself (none for a static run).")
     @click.option("--prompts-jsonl", "prompts_jsonl", default=None, type=click.Path(dir_okay=False),
                   help='Batch mode: a JSONL of {"name": ..., "prompt": ...}; one adapter folder per line.')
     @click.option("--out", "out", required=True, type=click.Path(file_okay=False),
@@ -346,11 +365,12 @@ def _make_command():
     def export_lora_cmd(checkpoint, prompt, prompts_jsonl, out, servable_only):  # fmt: skip
         """Run the trained hypernetwork on task prompts and write standard PEFT LoRA adapters."""
         try:
-            if (prompt is None) == (prompts_jsonl is None):
+            if prompt is not None and prompts_jsonl is not None:
                 raise UserError("export-lora: give exactly one of --prompt and --prompts-jsonl")
-            if prompt is not None:
-                target = Path(out)  # the single adapter goes exactly at --out
-                folders = export_lora(checkpoint, [(target.name, read_prompt(prompt))], target.parent, servable_only)
+            if prompts_jsonl is None:
+                target = Path(out)  # the single adapter goes exactly at --out; a static run's needs no prompt
+                text = read_prompt(prompt) if prompt is not None else None
+                folders = export_lora(checkpoint, [(target.name, text)], target.parent, servable_only)
             else:
                 folders = export_lora(checkpoint, read_prompts_jsonl(prompts_jsonl), out, servable_only)
         except UserError as e:  # the CLI's convention: one line, exit code 2

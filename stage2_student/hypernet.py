@@ -37,10 +37,6 @@ from torch import nn
 from common.config import HyperConfig
 from stage2_student.targets import Target
 
-HEAD_CHUNK = 256
-"""Default chunk length of the generator heads (entries along d_in or d_out per emitted chunk)."""
-
-
 def sinusoidal_positions(length: int, dim: int, device: torch.device) -> torch.Tensor:
     """[length, dim] fixed sin/cos position codes (no parameters, any length)."""
     pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
@@ -116,17 +112,18 @@ class HyperNetwork(nn.Module):
     """Task prompt -> {target name: (A [N, r, d_in], B [N, d_out, r])}, all fp32.
 
     `targets` come from `resolve_targets`; `embed_dim` is the student's hidden size (its input
-    embedding width). The LoRA update is y = W x + `lora_scale` * B (A x), lora_scale = alpha / rank.
+    embedding width); every other size comes from `hyper_cfg`. The LoRA update is
+    y = W x + `lora_scale` * B (A x), lora_scale = alpha / rank. Built by `model.build_distill_model`.
     """
 
-    def __init__(self, hyper_cfg: HyperConfig, targets: list[Target], embed_dim: int, head_chunk: int = HEAD_CHUNK):
+    def __init__(self, hyper_cfg: HyperConfig, targets: list[Target], embed_dim: int):
         super().__init__()
         if not targets:
             raise ValueError("HyperNetwork needs at least one target")
         self.targets = list(targets)
         self.rank = hyper_cfg.rank
         self.lora_scale = hyper_cfg.alpha / hyper_cfg.rank
-        d, g = hyper_cfg.encoder_dim, hyper_cfg.generator_dim
+        d, g, head_chunk = hyper_cfg.encoder_dim, hyper_cfg.generator_dim, hyper_cfg.head_chunk
 
         self.encoder = PromptEncoder(embed_dim, d, hyper_cfg.encoder_layers, hyper_cfg.encoder_heads)
 

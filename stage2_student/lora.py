@@ -3,7 +3,9 @@
 Nothing is merged into the frozen weights: a forward hook on each target nn.Linear adds the delta
 to its output. The hooks are registered once; `with injector.weights(lora):` makes a batch's
 (A, B) visible to them. Outside the context the hooks return None and the model is exactly the
-base model.
+base model. When the weights can only be made inside a module's forward (the trainer's DistillModel:
+FSDP2 gathers what the hypernetwork reads there), `with injector.scope():` opens the context and that
+forward `set`s the weights into it; they are cleared when the scope closes, after backward.
 
 Keep the context open across `loss.backward()`: with non-reentrant activation checkpointing
 (torch.utils.checkpoint(use_reentrant=False), transformers' default) the blocks' forward runs
@@ -46,6 +48,7 @@ class LoRAInjector:
         self.targets = {t.name: t for t in targets}
         self.scale = scale
         self._active: LoRAWeights | None = None
+        self._scoped = False
         modules = dict(model.named_modules())
         missing = [name for name in self.targets if name not in modules]
         if missing:
@@ -70,27 +73,34 @@ class LoRAInjector:
 
         return hook
 
-    def set(self, lora: LoRAWeights) -> None:
-        """Apply `lora` to every forward (and checkpoint recomputation) until `clear()`.
+    @contextmanager
+    def scope(self) -> Iterator[None]:
+        """The one context in which LoRA weights exist: `set` them inside (once), and they apply to every
+        forward and checkpoint recomputation until the block exits (keep backward inside it)."""
+        if self._scoped:
+            raise RuntimeError("a LoRA scope is already open (scopes do not nest)")
+        self._scoped = True
+        try:
+            yield
+        finally:
+            self._active = None
+            self._scoped = False
 
-        For callers that produce the weights inside a module's forward (the trainer's DistillModel,
-        so that FSDP2 gathers what the hypernetwork reads) and clear them after backward."""
+    def set(self, lora: LoRAWeights) -> None:
+        """Apply `lora` until the enclosing `scope()` closes (for a module's forward that makes the weights)."""
+        if not self._scoped:
+            raise RuntimeError("LoRA weights set outside `injector.scope()`: nothing would clear them")
         if self._active is not None:
-            raise RuntimeError("LoRA weights are already set: clear() them first (contexts do not nest)")
+            raise RuntimeError("LoRA weights are already set in this scope")
         self._check(lora)
         self._active = lora
-
-    def clear(self) -> None:
-        self._active = None
 
     @contextmanager
     def weights(self, lora: LoRAWeights) -> Iterator[None]:
         """Apply `lora` to every forward (and checkpoint recomputation) inside the block."""
-        self.set(lora)
-        try:
+        with self.scope():
+            self.set(lora)
             yield
-        finally:
-            self.clear()
 
     def remove(self) -> None:
         """Remove the hooks: the model is the plain base model again."""

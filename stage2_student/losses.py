@@ -32,8 +32,11 @@ the full cross-entropy -sum_v p_v log q_v, so its gradient is unbiased. With unn
 with N (cache_schema.layout). Other losses or temperatures are biased on these rows; the trainer refuses
 them. top1_agree on sampled rows compares with the most-drawn id (ties: the smallest id).
 
-Full vocabulary (`full_vocab_kl`): with the teacher model itself at hand (small teachers only: online
-distillation and the held-out yardstick, see train.py), the exact forward KL over all V ids, in row chunks.
+Full vocabulary (`full_vocab_kl`, kind "full_vocab"): with the teacher model itself at hand (small teachers only:
+online distillation and the held-out yardstick, see train.py), the exact forward KL over all V ids, in row chunks.
+
+Every kind is named in ALL_KINDS and computed through `distill_loss`; `training_kind` says which one a run trains
+on and EVAL_KIND which one its held-out evaluation reports against the cache.
 """
 
 from __future__ import annotations
@@ -44,6 +47,12 @@ import torch
 
 LossKind = Literal["forward_tail", "forward_renorm", "reverse_tail"]
 LOSS_KINDS: tuple[str, ...] = ("forward_tail", "forward_renorm", "reverse_tail")
+"""Losses against the cache's top-K rows (train.loss takes one of these)."""
+FULL_VOCAB = "full_vocab"
+"""The exact forward KL over the whole vocabulary to a resident teacher (train.online_teacher / eval_teacher)."""
+ALL_KINDS: tuple[str, ...] = (*LOSS_KINDS, FULL_VOCAB)
+EVAL_KIND = "forward_tail"
+"""The held-out yardstick against the cache, whatever the run trains on."""
 
 TAIL_FLOOR = 1e-10
 """Tail masses are clamped at this floor before their log is taken (a zero tail gives no NaN)."""
@@ -197,7 +206,7 @@ def kl_from_logprobs(
         else:
             kl = (log_q.exp() * (log_q - log_p)).sum(dim=-1)
     else:
-        raise ValueError(f"unknown loss kind {kind!r}; expected one of {LOSS_KINDS}")
+        raise ValueError(f"unknown loss kind {kind!r} for cached rows; expected one of {LOSS_KINDS}")
     return kl * temperature**2
 
 
@@ -325,3 +334,45 @@ def full_vocab_kl(
     )
     zeros = torch.zeros_like(loss).detach()
     return DistillOutput(loss, s_argmax == t_argmax, zeros, zeros)
+
+
+# ---------------------------------------------------------------------------------------------
+# The one place a loss kind is chosen and computed
+
+
+class TeacherRows(NamedTuple):
+    """A resident teacher's side of the full-vocabulary KL at a batch's rows."""
+
+    hidden: torch.Tensor
+    """[R, Ht] the teacher's final-norm hidden states at the batch's rows."""
+    weight: torch.Tensor
+    """[V, Ht] the teacher's lm_head."""
+
+
+def training_kind(online_teacher: bool, loss: str) -> str:
+    """The kind a run trains on: the full-vocabulary KL when distilling online, else train.loss."""
+    return FULL_VOCAB if online_teacher else loss
+
+
+def distill_loss(
+    kind: str,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    topk_ids: torch.Tensor | None = None,
+    topk_logprobs: torch.Tensor | None = None,
+    teacher: TeacherRows | None = None,
+    temperature: float = 1.0,
+    chunk: int = 1024,
+) -> DistillOutput:
+    """The loss of `kind` (ALL_KINDS) for R rows: hidden [R, H], lm_head weight [V, H], and the target that
+    kind needs: the cache's rows (topk_ids, topk_logprobs [R, K]) for a top-K kind, the teacher's for FULL_VOCAB."""
+    if kind == FULL_VOCAB:
+        if teacher is None:
+            raise ValueError("the full-vocabulary KL needs the teacher's rows")
+        return full_vocab_kl(hidden, weight, teacher.hidden, teacher.weight, chunk, temperature)
+    if kind in LOSS_KINDS:
+        if topk_ids is None or topk_logprobs is None:
+            raise ValueError(f"loss {kind} needs the cache's rows (topk_ids, topk_logprobs)")
+        return topk_distill_loss(hidden, weight, topk_ids, topk_logprobs, kind, temperature, chunk)
+    raise ValueError(f"unknown loss kind {kind!r}; expected one of {ALL_KINDS}")

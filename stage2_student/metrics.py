@@ -39,3 +39,22 @@ class MetricsLogger:
         if self.enabled:
             self.writer.close()
             self.jsonl.close()
+
+
+class Sums:
+    """Named running sums (float64), added up over ranks as one tensor: every rank holds the same names, in the
+    same order (they are all given at construction)."""
+
+    def __init__(self, *names: str):
+        self.values = dict.fromkeys(names, 0.0)
+
+    def add(self, **values: float) -> None:
+        for name, value in values.items():
+            self.values[name] += float(value)
+
+    def reduced(self, all_reduce_sum, device) -> dict[str, float]:
+        """The sums over every rank (`all_reduce_sum`: distributed.all_reduce_sum)."""
+        import torch
+
+        total = all_reduce_sum(torch.tensor(list(self.values.values()), dtype=torch.float64, device=device)).cpu()
+        return dict(zip(self.values, total.tolist()))

@@ -10,36 +10,39 @@ from collections import Counter
 
 import torch
 
-from common.config import HyperConfig
-from stage2_student.hypernet import HyperNetwork
-from stage2_student.targets import resolve_targets
+from common.config import RunConfig
+from stage2_student.model import build_distill_model
 
 
 def _numel(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def count_hypernet_params(hyper_cfg: HyperConfig, student_config) -> dict:
-    """Targets by kind, hypernetwork parameters per component and in total, and the size of the
-    LoRA it writes per sample, for the student described by `student_config`."""
+def count_hypernet_params(cfg: RunConfig, student_config) -> dict:
+    """Targets by kind, trainable parameters (the hypernetwork's per component, or the static LoRA's) and in
+    total, and the size of the LoRA written per sample, for the student described by `student_config`:
+    the model `build_distill_model` builds for `cfg`, on the meta device."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         student = AutoModelForCausalLM.from_config(student_config)
-        targets = resolve_targets(student, hyper_cfg.targets)
-        hyper = HyperNetwork(hyper_cfg, targets, embed_dim=student_config.hidden_size)
-    components = {
-        "encoder": _numel(hyper.encoder),
-        "generator": _numel(hyper.generator) + _numel(hyper.layer_emb) + _numel(hyper.kind_emb),
-        "heads_a": _numel(hyper.heads_a),
-        "heads_b": _numel(hyper.heads_b),
-    }
+        model = build_distill_model(cfg, student)
+    writer, targets = model.hypernet, model.targets
+    if cfg.hyper.mode == "static":
+        components = {"lora_a": _numel(writer.a), "lora_b": _numel(writer.b)}
+    else:
+        components = {
+            "encoder": _numel(writer.encoder),
+            "generator": _numel(writer.generator) + _numel(writer.layer_emb) + _numel(writer.kind_emb),
+            "heads_a": _numel(writer.heads_a),
+            "heads_b": _numel(writer.heads_b),
+        }
     return {
         "num_targets": len(targets),
         "targets_by_kind": dict(sorted(Counter(t.kind for t in targets).items())),
-        "shapes": sorted(hyper.groups),
-        "params": {**components, "total": _numel(hyper)},
-        "lora_params_per_sample": sum(hyper_cfg.rank * (t.in_features + t.out_features) for t in targets),
+        "shapes": sorted({t.shape_key for t in targets}),
+        "params": {**components, "total": _numel(writer)},
+        "lora_params_per_sample": sum(cfg.hyper.rank * (t.in_features + t.out_features) for t in targets),
         "student_params": _numel(student),
     }
 
@@ -49,7 +52,7 @@ def main() -> None:
 
     from common.tiny_models import student_config
 
-    cfg = HyperConfig()
+    cfg = RunConfig()
     report = {"tiny-student": count_hypernet_params(cfg, student_config()),
               "Qwen3-Coder-Next": count_hypernet_params(cfg, Qwen3NextConfig())}
     print(json.dumps(report, indent=2))

@@ -3,8 +3,8 @@
 1. targets      every config pattern resolves to target linears of the student
 2. zero-init    with the freshly initialised hypernetwork the student's logits equal the base exactly
 3. grad-flow    after one step every hypernetwork parameter gets a gradient and no student parameter does
-4. cache        the cache's tokenizer and chat-template fingerprints match the student's
-5. memory       the per-rank memory estimate fits the device with headroom
+4. cache        the trainer's cache checks: fingerprints, K and row kind against this config and student
+5. memory       the per-rank memory estimate (hyperdistill plan's stage-2 model) fits the device with headroom
 
 Checks 2-3 run on the configured student itself when it is small enough to load here, otherwise on a
 copy of its architecture cut to one period of its layer pattern (all layer kinds, real attention and
@@ -22,9 +22,9 @@ from common.config import RunConfig
 from common.errors import UserError
 from common.model_configs import model_config
 from common.models import load_causal_lm, load_tokenizer
-from stage2_student.hypernet import HyperNetwork
-from stage2_student.lora import LoRAInjector
-from stage2_student.losses import topk_distill_loss
+from stage2_student.checks import check_cache
+from stage2_student.data import Batch
+from stage2_student.model import build_distill_model
 from stage2_student.targets import resolve_targets
 
 LOADABLE_PARAMS = 2e9  # above this the structural checks use a one-period copy of the architecture
@@ -69,43 +69,44 @@ def run_preflight(cfg: RunConfig, world_size: int = 8) -> list[Check]:
     checks.append(Check("targets", True, f"{len(full_targets)} target linears of kinds {', '.join(kinds)}"))
 
     student.requires_grad_(False).eval()
-    targets = resolve_targets(student, cfg.hyper.targets)
     torch.manual_seed(0)
-    hyper = HyperNetwork(cfg.hyper, targets, embed_dim=student.config.hidden_size, head_chunk=cfg.hyper.head_chunk)
-    injector = LoRAInjector(student, targets, scale=cfg.hyper.alpha / cfg.hyper.rank)
+    model = build_distill_model(cfg, student)  # the trainer's model, on the check student
     vocab = student.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (2, 48), generator=gen)
     prompt = torch.randint(0, vocab, (2, 16), generator=gen)
     prompt_mask = torch.ones_like(prompt, dtype=torch.bool)
 
-    def lora():
-        return hyper(student.get_input_embeddings()(prompt).float(), prompt_mask)
-
     with torch.no_grad():
         base = student(input_ids=ids).logits
-        with injector.weights(lora()):
+        with model.lora_scope():
+            model.injector.set(model.lora_weights(prompt, prompt_mask))
             injected = student(input_ids=ids).logits
     same = torch.equal(base, injected)
     checks.append(Check("zero-init", same, f"logits with the initial LoRA {'equal' if same else 'DIFFER from'} the base ({what})"))
 
-    # One step on a fake top-K target so that B leaves zero, then every parameter must get a gradient.
-    opt = torch.optim.AdamW(hyper.parameters(), lr=1e-3)
+    # Two steps of the trainer's forward on a fake top-K target at every position, so that B leaves zero;
+    # then every trainable parameter must get a gradient.
+    opt = torch.optim.AdamW(model.hypernet.parameters(), lr=1e-3)
     k = min(cfg.cache.k, 8)
-    topk_ids = torch.randint(0, vocab, (ids.shape[1] * 2, k), generator=gen)
-    teacher = torch.log_softmax(torch.randn(topk_ids.shape, generator=gen), -1) - 0.1
+    rows = ids.numel()
+    topk_ids = torch.randint(0, vocab, (rows, k), generator=gen)
+    batch = Batch(
+        input_ids=ids, attention_mask=torch.ones_like(ids), prompt_ids=prompt, prompt_mask=prompt_mask,
+        row_sample=torch.arange(2).repeat_interleave(ids.shape[1]), row_position=torch.arange(ids.shape[1]).repeat(2),
+        topk_ids=topk_ids, topk_logprobs=torch.log_softmax(torch.randn(topk_ids.shape, generator=gen), -1) - 0.1,
+        n_tokens=rows,
+    )  # fmt: skip
     missing: list[str] = []
     for step in range(2):
         opt.zero_grad(set_to_none=True)
-        with injector.weights(lora()):
-            hidden = student.model(input_ids=ids).last_hidden_state.reshape(-1, student.config.hidden_size)
-            out = topk_distill_loss(hidden, student.lm_head.weight, topk_ids, teacher, kind=cfg.train.loss)
-            out.loss.mean().backward()
+        with model.lora_scope():
+            model(batch, kind=cfg.train.loss).loss.mean().backward()
         if step == 1:
-            missing = [n for n, p in hyper.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
+            missing = [n for n, p in model.hypernet.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
         opt.step()
     leaked = [n for n, p in student.named_parameters() if p.grad is not None]
-    injector.remove()
+    model.injector.remove()
     ok = not missing and not leaked
     detail = "every hypernetwork parameter has a gradient; the student has none"
     if missing:
@@ -115,54 +116,50 @@ def run_preflight(cfg: RunConfig, world_size: int = 8) -> list[Check]:
     checks.append(Check("grad-flow", ok, detail))
 
     checks.append(_cache_check(cfg))
-    checks.append(_memory_check(cfg, n_params, sum(p.numel() for p in hyper.parameters()), world_size))
+    checks.append(_memory_check(cfg, world_size))
     return checks
 
 
 def _cache_check(cfg: RunConfig) -> Check:
+    """The trainer's own checks of the cache against this config and student (checks.check_cache)."""
     from cache_schema import CacheReader
-    from common.tokenizer import chat_template_fingerprint, tokenizer_fingerprint
 
     try:
         reader = CacheReader(cfg.cache.path)
+        tokenizer = load_tokenizer(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code)
+        check_cache(reader, cfg, tokenizer)
     except UserError as e:
         return Check("cache", False, str(e))
-    tok = load_tokenizer(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code)
-    problems = []
-    if reader.meta.tokenizer.fingerprint != tokenizer_fingerprint(tok):
-        problems.append("tokenizer fingerprint differs")
-    if reader.meta.chat_template_fingerprint != chat_template_fingerprint(tok):
-        problems.append("chat template fingerprint differs")
-    if problems:
-        return Check("cache", False, f"{cfg.cache.path}: {'; '.join(problems)} from student {cfg.student.model}")
     return Check("cache", True, f"{cfg.cache.path}: {len(reader)} samples, fingerprints match the student")
 
 
-def _memory_check(cfg: RunConfig, student_params: int, hyper_params: int, world_size: int) -> Check:
-    """Per rank: student shard (bf16) + hypernetwork shard with fp32 weights, grads and AdamW moments
-    + activations (checkpointed: one block's input per layer) + the loss chunk's logits."""
-    config, _ = model_config(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code)
+def _memory_check(cfg: RunConfig, world_size: int) -> Check:
+    """hyperdistill plan's stage-2 memory model (plan.stage2_memory) against the memory of this machine's
+    device: its GPU, or on CPU the host memory divided among the ranks."""
+    from hyperdistill.plan import GB, OVERHEAD_GB, model_shape, stage2_memory
+    from stage2_student.param_count import count_hypernet_params
+
+    shape = model_shape(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code)
+    hyper_params = count_hypernet_params(cfg, shape.config)["params"]["total"]
+    shard = cfg.train.shard_size if cfg.train.shard_size and world_size % cfg.train.shard_size == 0 else world_size
     seq = max(p.seq_len for p in cfg.train.phases)
-    h, layers = config.hidden_size, config.num_hidden_layers
-    gib = 1024**3
-    weights = student_params * 2 / world_size
-    hyper = hyper_params * 16 / world_size
-    activations = cfg.train.batch_size * seq * h * 2 * (layers + 24)  # saved block inputs + one live block
-    loss = cfg.train.loss_chunk * config.vocab_size * 4 * 3
-    need = weights + hyper + activations + loss
-    if torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    # OVERHEAD_GB is the CUDA context, NCCL buffers and allocator slack: nothing of it on CPU.
+    parts = stage2_memory(cfg, shape, hyper_params, shard, seq, OVERHEAD_GB if cuda else 0.0)
+    need = sum(parts.values()) * GB
+    if cuda:
         have = torch.cuda.mem_get_info()[1]
         where = torch.cuda.get_device_name()
     else:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(1, world_size)
         where = f"host memory / {world_size} ranks"
     ok = need <= 0.9 * have
+    shown = ", ".join(f"{k} {v:.2f}" for k, v in parts.items() if v >= 0.005)
     return Check(
         "memory",
         ok,
-        f"need ~{need / gib:.1f} GiB per rank (student {weights / gib:.1f}, hypernet+AdamW {hyper / gib:.2f}, "
-        f"activations {activations / gib:.1f}, loss {loss / gib:.2f}) of {have / gib:.1f} GiB ({where})"
-        + ("" if ok else f": short by {(need - 0.9 * have) / gib:.1f} GiB"),
+        f"need ~{need / GB:.1f} GB per rank ({shown}) of {have / GB:.1f} GB ({where})"
+        + ("" if ok else f": short by {(need - 0.9 * have) / GB:.1f} GB"),
     )
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from common.config import HyperConfig
+from common.config import HyperConfig, RunConfig
 from common.errors import UserError
 from common.tiny_models import student_config
 from stage2_student.hypernet import HyperNetwork
@@ -106,7 +106,7 @@ def test_param_counts_tiny_and_real(student):
 
     cfg = HyperConfig()
     real_cfg = Qwen3NextConfig()
-    real = count_hypernet_params(cfg, real_cfg)
+    real = count_hypernet_params(RunConfig(hyper=cfg), real_cfg)
     n_full = real_cfg.layer_types.count("full_attention")
     n_linear = real_cfg.layer_types.count("linear_attention")
     assert (n_full, n_linear) == (12, 36)
@@ -124,7 +124,7 @@ def test_param_counts_tiny_and_real(student):
         n_linear * (2048 + 12288 + 2048 + 64 + 4096 + 2048) + n_full * (2048 + 8192 + 2 * (2048 + 512) + 4096 + 2048)
     )
 
-    tiny = count_hypernet_params(cfg, student_config())
+    tiny = count_hypernet_params(RunConfig(hyper=cfg), student_config())
     built = HyperNetwork(cfg, resolve_targets(student, cfg.targets), embed_dim=student.config.hidden_size)
     assert tiny["params"]["total"] == sum(p.numel() for p in built.parameters())
     assert tiny["num_targets"] == 13

@@ -16,7 +16,8 @@ from common.config import load_config
 from common.errors import UserError
 from stage2_student.distributed import DistEnv
 from stage2_student.losses import full_vocab_kl
-from stage2_student.train import ResidentTeacher, check_sampled_rows, train
+from stage2_student.checks import check_sampled_rows
+from stage2_student.train import ResidentTeacher, train
 from tests.pipeline_helpers import REPO
 
 

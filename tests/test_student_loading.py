@@ -69,7 +69,7 @@ def _worker(rank: int, port: int) -> None:
             torch.manual_seed(cfg.train.seed)
             student, full_state = distributed.load_student(cfg.student, env)
             targets = resolve_targets(student, cfg.hyper.targets)
-            hypernet = HyperNetwork(cfg.hyper, targets, student.config.hidden_size, cfg.hyper.head_chunk)
+            hypernet = HyperNetwork(cfg.hyper, targets, student.config.hidden_size)
         finally:
             AutoModelForCausalLM.from_pretrained = classmethod(original)
         assert len(loads) == (1 if rank == 0 else 0), f"rank {rank} loaded the weights {len(loads)} times"
@@ -78,7 +78,7 @@ def _worker(rank: int, port: int) -> None:
         # The reference: what every rank loaded before, and the hypernetwork as one process seeds it.
         plain = load_causal_lm(cfg.student.model, cfg.student.dtype)
         torch.manual_seed(cfg.train.seed)
-        plain_hyper = HyperNetwork(cfg.hyper, targets, plain.config.hidden_size, cfg.hyper.head_chunk).state_dict()
+        plain_hyper = HyperNetwork(cfg.hyper, targets, plain.config.hidden_size).state_dict()
 
         model = _Logits(student, hypernet)
         distributed.apply_activation_checkpointing(student)

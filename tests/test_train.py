@@ -19,7 +19,7 @@ from cache_schema import CacheReader
 from common.errors import UserError
 from common.models import load_tokenizer
 from stage2_student import checkpoint
-from stage2_student.train import check_compatible
+from stage2_student.checks import check_compatible
 from tests.pipeline_helpers import REPO, config_overrides
 
 pytestmark = pytest.mark.distributed
