@@ -58,6 +58,32 @@ def _torchrun(cfg, output_dir: Path, extra: list[str] = (), wait: bool = True):
     return proc
 
 
+def _kill_launcher_and_ranks(proc) -> None:
+    """SIGKILL torchrun and its ranks. torchrun starts each rank in a session of its own, so killing the
+    launcher's process group alone leaves the ranks running (and writing) as orphans."""
+    ranks = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == proc.pid]
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in ranks:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    deadline = time.time() + 30
+    while any(_parent(pid) is not None for pid in ranks) and time.time() < deadline:
+        time.sleep(0.1)  # gone, or a zombie nobody reaps (both count as dead)
+
+
+def _parent(pid: int) -> int | None:
+    """The parent pid of a live (not zombie) process, None otherwise."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else int(fields[1])
+
+
 def _metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -100,8 +126,8 @@ def test_kill_and_resume_matches_uninterrupted(cache_cfg, uninterrupted, tmp_pat
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run
-    proc.wait()
+    _kill_launcher_and_ranks(proc)  # mid-run
+
     killed_at = checkpoint.latest_checkpoint(out)
     final_ref = checkpoint.latest_checkpoint(ref_out)
     assert killed_at.name < final_ref.name, "the run finished before it could be killed"
