@@ -29,6 +29,24 @@ MANIFEST_FIELDS = (
 )  # fmt: skip
 
 
+class NothingKept(UserError):
+    """No trajectory survived the filters. `drops` lists, as a run that keeps something does, each drop
+    reason with its first examples (the CLI prints it before the one-line error)."""
+
+    def __init__(self, message: str, drops: list[str]):
+        super().__init__(message)
+        self.drops = drops
+
+
+def format_drops(counts: dict[str, int], examples: dict[str, list[tuple[str, str]]]) -> list[str]:
+    """'dropped N x reason' and its first example rows (location: detail), for every reason."""
+    lines = []
+    for reason, count in sorted(counts.items()):
+        lines.append(f"dropped {count} x {reason}")
+        lines += [f"    {loc}: {detail}" if detail else f"    {loc}" for loc, detail in examples.get(reason, [])]
+    return lines
+
+
 @dataclass
 class PrepareSummary:
     source: str
@@ -47,6 +65,8 @@ class PrepareSummary:
     fingerprint: str
     manifest_path: str
     summary_path: str
+    kept_unknown_resolution: int = 0
+    resolved_only: bool | str = "auto"
     extra: dict = field(default_factory=dict)  # tokenizer / template fingerprints, the data config
 
     def format(self) -> str:
@@ -59,9 +79,10 @@ class PrepareSummary:
             f"per sample min {self.tokens_min} / mean {self.tokens_mean:.0f} / max {self.tokens_max}",
             f"shards: {self.per_shard}; held out: {self.heldout}; truncated: {self.truncated}",
         ]
-        for reason, count in sorted(self.dropped.items()):
-            lines.append(f"dropped {count} x {reason}")
-            lines += [f"    {loc}: {detail}" if detail else f"    {loc}" for loc, detail in self.drop_examples[reason]]
+        if self.kept_unknown_resolution:
+            lines.append(f"kept {self.kept_unknown_resolution} with no resolution field (the source does not say "
+                         f"whether their task was resolved; data.resolved_only={self.resolved_only})")
+        lines += format_drops(self.dropped, self.drop_examples)
         lines += [f"manifest: {self.manifest_path} ({self.fingerprint})", f"summary: {self.summary_path}"]
         return "\n".join(lines)
 
@@ -141,8 +162,9 @@ def prepare_data(cfg: RunConfig, tokenizer) -> PrepareSummary:
         truncated += sample.truncated
     if not lines:
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(report.counts.items()))
-        raise UserError(
-            f"data.source {data.source}: no trajectory kept out of {report.rows_read} rows read ({reasons})"
+        raise NothingKept(
+            f"data.source {data.source}: no trajectory kept out of {report.rows_read} rows read ({reasons})",
+            format_drops(report.counts, report.examples),
         )
 
     manifest = Path(cfg.manifest)
@@ -164,6 +186,8 @@ def prepare_data(cfg: RunConfig, tokenizer) -> PrepareSummary:
         fingerprint=dataset_fingerprint(manifest),
         manifest_path=str(manifest),
         summary_path=str(summary_path(manifest)),
+        kept_unknown_resolution=report.kept_unknown_resolution,
+        resolved_only=data.resolved_only,
         extra={
             "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
             "chat_template_fingerprint": chat_template_fingerprint(tokenizer),

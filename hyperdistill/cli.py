@@ -93,12 +93,16 @@ def build_models_cmd(force: bool) -> None:
 @reports_user_errors
 def prepare_data_cmd(config_path: str, overrides: tuple[str, ...]) -> None:
     """Load, filter and render trajectories; write the manifest (ids, lengths, shard of each)."""
-    from common.manifest import prepare_data
+    from common.manifest import NothingKept, prepare_data
     from common.models import load_tokenizer
 
     cfg = _load(config_path, overrides)
     tokenizer = load_tokenizer(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code)
-    summary = prepare_data(cfg, tokenizer)
+    try:
+        summary = prepare_data(cfg, tokenizer)
+    except NothingKept as e:  # show why, as a run that keeps something does; then the one-line error
+        click.echo("\n".join(e.drops), err=True)
+        raise
     click.echo(summary.format())
 
 
