@@ -11,7 +11,8 @@ from cache_schema.layout import (
 )
 from cache_schema.lease import LeaseLost, PartBusy, PartLease
 from cache_schema.reader import CacheCorrupt, CacheReader
-from cache_schema.verify import Problem, VerifyReport, load_manifest_ids, verify_cache
+from cache_schema.manifest import load_manifest_ids
+from cache_schema.verify import Problem, VerifyReport, verify_cache
 from cache_schema.writer import CacheStore, PartWriter
 
 __all__ = [

@@ -9,7 +9,8 @@ import sys
 import click
 
 from cache_schema.inspect import cache_stats, inspect_cache, show_sample
-from cache_schema.verify import load_manifest_ids, verify_cache
+from cache_schema.manifest import load_manifest_ids
+from cache_schema.verify import verify_cache
 from common.errors import UserError, reports_user_errors
 
 

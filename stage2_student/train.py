@@ -38,7 +38,7 @@ from common.errors import UserError
 from common.models import load_causal_lm, load_tokenizer, resolve_model
 from common.tokenizer import chat_template_fingerprint, tokenizer_fingerprint
 from stage2_student import checkpoint, distributed
-from stage2_student.data import make_loader, phase_order, rank_batches, split_indices
+from stage2_student.data import make_loader, phase_order, rank_batches, manifest_split
 from stage2_student.hypernet import HyperNetwork
 from stage2_student.lora import LoRAInjector
 from stage2_student.losses import DistillOutput, full_vocab_kl, topk_distill_loss
@@ -242,7 +242,7 @@ def train(cfg: RunConfig, env) -> dict[str, float]:
     tokenizer = load_tokenizer(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code)
     check_compatible(reader, tokenizer, cfg.student.model)
     check_sampled_rows(reader, cfg)
-    train_idx, heldout_idx = split_indices(reader.sample_ids, cfg.data.heldout_fraction)
+    train_idx, heldout_idx = manifest_split(reader, cfg.manifest)
     plan = plan_phases(cfg, train_idx, env)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     pin = env.device.type == "cuda"
