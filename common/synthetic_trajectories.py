@@ -101,7 +101,7 @@ def union_form_tools() -> list[dict]:
 
 
 def synthetic_row(seed: int, *, assistant_turns: int = 64, tool_output_chars: int = 3500,
-                  system_chars: int = 6000, parallel_fraction: float = 0.25) -> dict:
+                  system_chars: int = 6000, parallel_fraction: float = 0.05) -> dict:
     """One trajectory row in the published SWE-rebench shape (see the module docstring). Each assistant turn
     but the last calls tools (two or three at once in `parallel_fraction` of turns), each call answered by a
     tool message of about `tool_output_chars` characters; the last turn calls `finish`."""
