@@ -133,9 +133,7 @@ def _iter_parquet(path: Path, shown: str) -> Iterator[tuple[str, Any]]:
             for row in batch.to_pylist():
                 yield f"{shown}[{i}]", row
                 i += 1
-    except Exception as e:  # pyarrow raises several types for unreadable files
-        if isinstance(e, (UserError, GeneratorExit)):
-            raise
+    except Exception as e:  # pyarrow raises several types for unreadable files (also mid-file)
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{path}: not a readable Parquet file ({reason})") from None
 
