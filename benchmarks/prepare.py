@@ -8,8 +8,9 @@
     token arrays) with 1x and 10x as many rows in the source, at the same rows per part (num_shards scaled):
     goal, the same within noise. Beside it, what the load cost before prepare-data wrote parts: parsing every
     row of the source (a lower bound of the old per-part re-parse-and-render).
-(c) peak memory (max RSS) of prepare-data at 1x and 10x, same rows per part: goal, bounded by the part being
-    written (10x about 1x), not growing with the dataset.
+(c) peak memory (max RSS of the prepare-data process, which spills samples and assembles each part; the
+    render workers hold a tokenizer and a few batches) at 1x and 10x, same rows per part: goal, bounded by
+    the part being written (10x about 1x), not growing with the dataset.
 
     python -m benchmarks.prepare            # ~3-4 minutes on 2 cores
     python -m benchmarks.prepare --quick    # a smoke run
@@ -41,9 +42,10 @@ from common.models import load_tokenizer
 cfg = load_config(sys.argv[1], sys.argv[3:])
 tokenizer = load_tokenizer(cfg.student.model)
 summary = prepare_data(cfg, tokenizer, workers=int(sys.argv[2]))
+# The parent's peak: it holds the spill writer and assembles each part. (A worker's own peak cannot be read
+# from RUSAGE_CHILDREN: Linux carries the parent's peak into forked children.)
 print(json.dumps({"seconds": summary.seconds, "kept": summary.kept, "tokens": summary.n_tokens,
-                  "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                  "max_rss_children_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+                  "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
 
 
@@ -95,7 +97,7 @@ def parse_all_seconds(source: Path) -> float:
 def run(quick: bool) -> dict:
     from common.synthetic_trajectories import write_jsonl
 
-    big_n = 4 if quick else 12
+    big_n = 4 if quick else 32
     base_rows, base_shards = (30, 10) if quick else (100, 32)
     result: dict = {"quick": quick}
     with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp_name:
@@ -135,14 +137,14 @@ def markdown(r: dict) -> str:
         lines.append(f"| {w} | {t['seconds']:.1f} | {t['kept'] / t['seconds']:.2f} | {t['tokens'] / t['seconds']:,.0f} |")
     lines += ["", "### (b) one part's load in stage 1 and (c) prepare-data's peak memory, same rows per part", "",
               "| source rows | parts | samples/part | part load (median) | parse every row (old floor) "
-              "| prepare-data max RSS (parent / largest worker) | largest part on disk |",
+              "| prepare-data max RSS | largest part on disk |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip
     for scale in (1, 10):
         x = r[f"x{scale}"]
         p = x["prepare"]
         lines.append(f"| {x['rows']:,} ({x['source_bytes'] / 1e6:.0f} MB) | {x['num_shards']} | "
                      f"{x['samples_per_part']:.1f} | {x['part_load_s'] * 1e3:.1f} ms | {x['parse_all_s']:.2f} s | "
-                     f"{p['max_rss_kib'] / 1024:.0f} / {p['max_rss_children_kib'] / 1024:.0f} MiB | "
+                     f"{p['max_rss_kib'] / 1024:.0f} MiB | "
                      f"{x['largest_part_bytes'] / 1e3:.0f} kB |")
     one, ten = r["x1"], r["x10"]
     ratio = ten["part_load_s"] / one["part_load_s"]
