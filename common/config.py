@@ -353,10 +353,13 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def config_hash(cfg: Any) -> str:
+def config_hash(cfg: RunConfig | dict) -> str:
+    """Short stable hash of a resolved run config, or of its `to_dict` form (key order does not matter).
+    Checkpoints and cache parts record it: its output must never change."""
     import hashlib
 
-    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+    d = cfg if isinstance(cfg, dict) else to_dict(cfg)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def save_resolved(cfg: RunConfig, directory: str | Path) -> Path:

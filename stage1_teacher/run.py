@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from cache_schema import CacheReader, CacheStore, PartBusy, RootMeta, SampleRows, stored_positions
-from cache_schema.layout import check_teacher_rows
+from cache_schema import (
+    CacheReader, CacheStore, PartBusy, RootMeta, SampleRows, check_teacher_rows, stored_positions,
+)
 from common.config import RunConfig, config_hash, to_dict
 from common.errors import UserError
 from common.manifest import dataset_fingerprint, load_shard_samples

@@ -129,7 +129,7 @@ HOLDER = textwrap.dedent(
     """
     import sys, time
     from cache_schema import PartLease
-    from cache_schema.layout import part_path
+    from cache_schema.format import part_path
     from cache_schema.storage import CacheLocation
     lease = PartLease(CacheLocation(sys.argv[1]), part_path(int(sys.argv[2])), owner="another-job")
     lease.acquire()
