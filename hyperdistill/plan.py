@@ -59,13 +59,13 @@ MFU_TEACHER = 0.30
 MFU_STUDENT = 0.20
 """Assumed utilisation of transformers' Qwen3-Next forward/backward (grouped MoE GEMMs of ~T*k/E rows)."""
 HOST_TOPK_TOKENS_PER_S = 34_000.0
-"""Prompt-logprob conversion per engine (FACTS: flat_logprobs, K=128, measured on 2 CPU cores)."""
+"""Prompt-logprob conversion per engine (vLLM flat_logprobs, K=128, measured on 2 CPU cores: BENCHMARKS.md, stage 1)."""
 OVERHEAD_GB = 4.0
 """CUDA context, NCCL buffers, allocator slack per GPU."""
 ASSUMED_ASSISTANT_FRACTION = 0.28
 """Without a manifest: assistant tokens / all tokens (measured on the bundled sample with prepare-data)."""
 PUBLISHED_DATASETS = {
-    # FACTS.md (dataset card): 67,074 trajectories, 32,161 resolved, 64 turns on average.
+    # The dataset card on the Hugging Face Hub: 67,074 trajectories, 32,161 resolved, 64 turns on average.
     "hf://nebius/SWE-rebench-openhands-trajectories": {"all": 67_074, "resolved": 32_161},
 }
 SEED_PLAN_HOURS = 44.0

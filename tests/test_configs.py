@@ -135,7 +135,7 @@ def test_the_walk_sees_every_section_and_the_numeric_fields():
 def test_every_numeric_field_declares_its_range():
     """A new int or float config field must say which values it takes (its section's RANGES)."""
     for prefix, cls, _, name, _ in _numeric_fields():
-        assert name in getattr(cls, "RANGES", {}), f"{prefix}{name} ({cls.__name__}) has no entry in {cls.__name__}.RANGES"
+        assert name in getattr(cls, "RANGES", {}), f"{prefix}{name} has no entry in {cls.__name__}.RANGES"
     for _, cls, _ in _sections():
         stale = set(getattr(cls, "RANGES", {})) - set(C.numeric_fields(cls))
         assert not stale, f"{cls.__name__}.RANGES names fields that are not numeric fields: {sorted(stale)}"

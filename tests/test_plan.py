@@ -1,9 +1,9 @@
 """`hyperdistill plan`: the shipped configs plan, the real run lands in a sane band, configs that cannot fit
 are refused by how much, and the throughput model scales as it says.
 
-Reference numbers come from the published models and the run config, not from the planner: FACTS.md gives
-480B / 79.7B parameters, FP8 teacher weights of ~480 GB (~60 GB per GPU at TP8), and the student's bf16
-weights are 2 bytes x 79.7B = 159 GB.
+Reference numbers come from the published models and the run config, not from the planner: the models'
+Hugging Face model cards give 480B / 79.7B parameters, FP8 teacher weights of ~480 GB (~60 GB per GPU at
+TP8), and the student's bf16 weights are 2 bytes x 79.7B = 159 GB.
 """
 
 from __future__ import annotations
