@@ -201,6 +201,17 @@ class RootMeta(_Meta):
         mine, theirs = self.identity(), other.identity()
         return [(key, mine[key], theirs[key]) for key in mine if mine[key] != theirs[key]]
 
+    def require_same(self, run: RootMeta, path: str) -> None:
+        """`self` is a cache's stored metadata: UserError naming the first identity field in which the run's
+        metadata `run` differs, with both values."""
+        diffs = self.mismatches(run)
+        if diffs:
+            name, have, want = diffs[0]
+            raise UserError(
+                f"cache {path}: {name} is {have!r} in the cache but {want!r} in this run; "
+                "use a new cache path or the cache's settings"
+            )
+
     @classmethod
     def from_dict(cls, d: Any, where: str) -> RootMeta:
         """Parse root attributes; `where` (the cache path) is named in errors. A different schema_version

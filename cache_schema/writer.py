@@ -78,14 +78,19 @@ class CacheStore:
                     raise UserError(f"cache {location.path}: exists and is not a cache; use a new path") from None
                 raise  # a cache of another schema version, or malformed metadata
             group, stored = cls._create(location, root)
-        diffs = stored.mismatches(root)
-        if diffs:
-            name, have, want = diffs[0]
-            raise UserError(
-                f"cache {location.path}: {name} is {have!r} in the cache but {want!r} in this run; "
-                "use a new cache path or the cache's settings"
-            )
+        stored.require_same(root, location.path)
         return cls(location, group, stored, root)
+
+    @staticmethod
+    def existing_meta(path: str, *, storage_options: dict | None = None) -> RootMeta | None:
+        """The stored metadata of the cache at `path`, None when nothing is there yet; UserError when what is
+        there is not a cache this code reads. Lets a run compare its settings before it starts any work."""
+        location = CacheLocation(path, storage_options)
+        if not location.list_names(""):
+            return None
+        if not location.exists("zarr.json"):
+            raise UserError(f"cache {location.path}: exists and is not a cache; use a new path")
+        return open_root(location)[1]
 
     @staticmethod
     def _create(location: CacheLocation, root: RootMeta) -> tuple[zarr.Group, RootMeta]:
