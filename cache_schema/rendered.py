@@ -1,5 +1,5 @@
 """Rendered samples: what prepare-data hands to stage 1, one Zarr group per shard holding the cache's own token
-arrays (the names, dtypes, chunking and codecs of `cache_schema.layout`), so a stage-1 job reads its part and
+arrays (the names, dtypes, chunking and codecs of `cache_schema.format`), so a stage-1 job reads its part and
 nothing else: no source rows are parsed and no chat template is rendered again.
 
     manifest.rendered.zarr/
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from cache_schema.layout import (
+from cache_schema.format import (
     INPUT_IDS, LOSS_MASK, POSITIONS, PROMPT_IDS, PROMPT_OFFSETS, ROW_OFFSETS, SAMPLE_IDS, TOKEN_OFFSETS, PartArrays,
     part_path, stored_positions,
 )

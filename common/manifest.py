@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cache_schema.layout import stored_positions
+from cache_schema.format import stored_positions
 from cache_schema.manifest import (  # noqa: F401  (load_manifest, summary_path: the manifest's API, here too)
     MANIFEST_FIELDS, dataset_fingerprint, load_manifest, rendered_path, summary_path,
 )

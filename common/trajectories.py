@@ -1,6 +1,6 @@
 """Agent trajectories: read rows from any supported source, detect their schema, normalise them.
 
-Three layouts:
+Three layouts (as described by the datasets' cards on the Hugging Face Hub, and SWE-agent's own files):
 - 'openai'   (nebius/SWE-rebench-openhands-trajectories, nvidia/SWE-Zero-openhands-trajectories):
   trajectory_id, instance_id, trajectory = OpenAI-style messages, tools = function schemas, resolved.
   As published: `resolved` is int64 0/1 (SWE-rebench) or absent with no `tools` column (SWE-Zero, whose

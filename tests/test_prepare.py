@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cache_schema.layout import stored_positions
+from cache_schema.format import stored_positions
 from cache_schema.manifest import dataset_fingerprint, load_manifest, rendered_path
 from cache_schema.rendered import read_rendered_meta, read_rendered_part
 from common.config import RunConfig
