@@ -21,6 +21,8 @@ $(BIN)/.installed-$(VLLM): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned: on CPU machines pip takes the local 2.13.0+cpu wheel, not a CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
+	# causal-conv1d (gpu extra) compiles or fetches a binary for the installed torch: no build isolation.
+	$(if $(filter gpu,$(VLLM)),$(BIN)/pip install --quiet --no-build-isolation causal-conv1d==1.7.0)
 	$(BIN)/pip install --quiet -e ".[$(VLLM),dev]"
 	# vllm pulls torchvision/torchaudio/torchcodec built for another torch; nothing here needs them and
 	# they break transformers' MoE import ("operator torchvision::nms does not exist").
@@ -52,6 +54,7 @@ test: models
 
 bench: models
 	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.prepare
 	$(BIN)/python -m benchmarks.encodings --rows 200000 --teacher-cache $(DEMO_CACHE)
 
 bench-teach: models

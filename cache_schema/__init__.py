@@ -25,8 +25,9 @@ from cache_schema.inspect import cache_stats, inspect_cache, show_sample
 from cache_schema.lease import LeaseLost, PartBusy, PartLease
 from cache_schema.metadata import DatasetMeta, PartMeta, RootMeta, SamplingMeta, TeacherMeta, TokenizerMeta
 from cache_schema.reader import CacheCorrupt, CacheReader
+from cache_schema.manifest import load_manifest_ids
 from cache_schema.row_checks import check_teacher_rows
-from cache_schema.verify import Problem, VerifyReport, load_manifest_ids, verify_cache
+from cache_schema.verify import Problem, VerifyReport, verify_cache
 from cache_schema.writer import CacheStore, PartWriter
 from common.config import config_hash
 

@@ -35,9 +35,7 @@ Checks, by name:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import zarr
@@ -89,27 +87,6 @@ class VerifyReport:
         verdict = "OK" if self.ok else f"{len(self.problems)} problem(s)"
         return (f"cache {self.path}: {self.parts_complete}/{self.parts_total} parts complete, {self.samples} samples, "
                 f"{self.rows} rows checked: {verdict}")
-
-
-def load_manifest_ids(path: str | Path) -> dict[int, list[str]]:
-    """Sample ids by shard from a JSONL manifest (one object per line with 'shard' and 'sample_id' or 'id')."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"manifest {p}: not found")
-    ids: dict[int, list[str]] = {}
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"manifest {p} line {n}: not JSON ({e.msg})") from None
-        sid = row.get("sample_id", row.get("id")) if isinstance(row, dict) else None
-        shard = row.get("shard") if isinstance(row, dict) else None
-        if not isinstance(sid, str) or not isinstance(shard, int) or isinstance(shard, bool):
-            raise UserError(f"manifest {p} line {n}: needs a string 'sample_id' (or 'id') and an integer 'shard'")
-        ids.setdefault(shard, []).append(sid)
-    return ids
 
 
 def check_sample(arrays: dict[str, np.ndarray], sample_id: str, stored_checksum: int, meta: RootMeta,

@@ -31,11 +31,13 @@ class DataConfig:
         "heldout_fraction": "[0, 1)",
     }  # allowed values of the numeric fields, checked on load
     source: str = "sample"
-    """'sample' (bundled data/), a local .jsonl/.json/.parquet file or folder, or 'hf://OWNER/NAME' (a hub dataset)."""
+    """'sample' (bundled data/), a local .jsonl/.json/.parquet file, a folder of them or of SWE-agent .traj files, or 'hf://OWNER/NAME' (a hub dataset, streamed)."""
     split: str = "train"
     """Split to read when the source is a hub dataset."""
-    resolved_only: bool = True
-    """Keep only trajectories whose task was resolved."""
+    resolved_only: bool | Literal["auto"] = "auto"
+    """Keep only resolved trajectories: true, false, or 'auto' (filter rows that carry a resolution, keep those that carry none)."""
+    results_file: str | None = None
+    """SWE-bench evaluation report (JSON with 'resolved_ids') giving .traj sources their resolution; without it they have none."""
     min_tokens: int = 0
     """Drop rendered trajectories shorter than this many tokens."""
     max_tokens: int = 8192
@@ -266,6 +268,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        for alternative in inner[1:]:  # e.g. bool | Literal['auto']: the first type that takes the value
+            try:
+                return _coerce(value, alternative, where)
+            except UserError:
+                pass
         return _coerce(value, inner[0], where)
     if origin is Literal:
         if value not in args:

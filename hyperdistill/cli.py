@@ -58,15 +58,23 @@ def build_models_cmd(force: bool) -> None:
 @main.command("prepare-data")
 @config_option
 @set_option
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Processes rendering trajectories (default: every core of this machine). The output does not "
+                   "depend on it.")
 @reports_user_errors
-def prepare_data_cmd(config_path: str, overrides: tuple[str, ...]) -> None:
-    """Load, filter and render trajectories; write the manifest (ids, lengths, shard of each)."""
-    from common.manifest import prepare_data
+def prepare_data_cmd(config_path: str, overrides: tuple[str, ...], workers: int | None) -> None:
+    """Stream, filter and render trajectories; write the manifest (ids, lengths, shard, held-out flag of each)
+    and the rendered samples, one part per shard, that stage 1 reads."""
+    from common.manifest import NothingKept, default_workers, prepare_data
     from common.models import load_tokenizer
 
     cfg = _load(config_path, overrides)
     tokenizer = load_tokenizer(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code)
-    summary = prepare_data(cfg, tokenizer)
+    try:
+        summary = prepare_data(cfg, tokenizer, workers=workers or default_workers())
+    except NothingKept as e:  # show why, as a run that keeps something does; then the one-line error
+        click.echo("\n".join(e.drops), err=True)
+        raise
     click.echo(summary.format())
 
 
@@ -301,7 +309,8 @@ def cache_inspect_cmd(path: str, as_json: bool) -> None:
 def cache_verify_cmd(path: str, manifest: str | None, shards: tuple[int, ...]) -> None:
     """Read back every part and sample of the cache at PATH and check checksums, values, rank order, ids,
     positions and offsets. Prints each problem; exits 1 if there is any, 0 if the cache is clean."""
-    from cache_schema.verify import load_manifest_ids, verify_cache
+    from cache_schema.manifest import load_manifest_ids
+    from cache_schema.verify import verify_cache
 
     ids = load_manifest_ids(manifest) if manifest else None
     report = verify_cache(path, ids, shards=list(shards) or None)

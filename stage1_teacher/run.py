@@ -24,12 +24,10 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from cache_schema import (
-    CacheReader, CacheStore, PartBusy, RootMeta, SampleRows, check_teacher_rows, stored_positions,
-)
+from cache_schema import CacheReader, CacheStore, PartBusy, RootMeta, SampleRows, check_teacher_rows
 from common.config import RunConfig, config_hash, to_dict
 from common.errors import UserError
-from common.manifest import dataset_fingerprint, load_shard_samples
+from common.manifest import check_rendered, dataset_fingerprint, load_shard_samples
 from common.models import load_tokenizer, resolve_model
 from common.tokenizer import chat_template_fingerprint, tokenizer_fingerprint
 from stage1_teacher.backend import make_backend
@@ -148,7 +146,7 @@ def run_shard(cfg: RunConfig, shard: int, store: CacheStore, backend, tokenizer,
         total=n_tokens, unit="tok", unit_scale=True, desc=f"shard {shard:05d}", dynamic_ncols=True, mininterval=1.0
     ) as bar:
         for batch in token_batches(samples, cfg.teacher.batch_tokens):
-            positions = [stored_positions(s.loss_mask, cfg.cache.positions) for s in batch]
+            positions = [s.positions for s in batch]
             request = ([s.input_ids for s in batch], positions)
             if sampled:
                 request += ([sample_uniforms(cfg.cache.sample_seed, s.sample_id, len(pos), cfg.cache.draws)
@@ -252,6 +250,8 @@ def main(cfg: RunConfig, shards: list[int] | None = None, num_shards: int | None
         raise UserError(f"--shard {bad[0]}: must be in [0, {cfg.data.num_shards})")
     if not os.path.exists(cfg.manifest):
         raise UserError(f"manifest {cfg.manifest}: not found; run `hyperdistill prepare-data` first")
+    # Jobs read the samples prepare-data rendered: refuse another run's before any engine starts.
+    check_rendered(cfg, load_tokenizer(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code))
     t0 = time.perf_counter()
     check_cache_settings(cfg)
     requested = list(shards) if shards else list(range(cfg.data.num_shards))

@@ -39,7 +39,8 @@ from common.errors import UserError
 from common.models import load_causal_lm, load_tokenizer, resolve_model
 from common.tokenizer import chat_template_fingerprint, tokenizer_fingerprint
 from stage2_student import checkpoint, distributed
-from stage2_student.data import make_loader, phase_order, rank_batches, split_indices
+from stage2_student.kernels import describe_student_kernels
+from stage2_student.data import make_loader, phase_order, rank_batches, manifest_split
 from stage2_student.hypernet import HyperNetwork
 from stage2_student.lora import LoRAInjector
 from stage2_student.losses import DistillOutput, full_vocab_kl, topk_distill_loss
@@ -243,7 +244,7 @@ def train(cfg: RunConfig, env) -> dict[str, float]:
     tokenizer = load_tokenizer(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code)
     check_compatible(reader, tokenizer, cfg.student.model)
     check_sampled_rows(reader, cfg)
-    train_idx, heldout_idx = split_indices(reader.sample_ids, cfg.data.heldout_fraction)
+    train_idx, heldout_idx = manifest_split(reader, cfg.manifest)
     plan = plan_phases(cfg, train_idx, env)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     pin = env.device.type == "cuda"
@@ -251,6 +252,7 @@ def train(cfg: RunConfig, env) -> dict[str, float]:
     # ---- models: frozen student (bf16), hypernetwork (fp32), LoRA hooks, FSDP2 ---------------------
     # Rank 0 reads the weights; other ranks build it on the meta device (distributed.py's docstring).
     student, full_state = distributed.load_student(cfg.student, env)
+    log.info(describe_student_kernels(student.config, cuda=env.device.type == "cuda"))
     targets = resolve_targets(student, cfg.hyper.targets)
     hypernet = HyperNetwork(cfg.hyper, targets, embed_dim=student.config.hidden_size, head_chunk=cfg.hyper.head_chunk)
     injector = LoRAInjector(student, targets, scale=cfg.hyper.alpha / cfg.hyper.rank)
