@@ -27,15 +27,16 @@ Initialisation:
 
 Learning rate of the head projections (`optimizer_groups`): lr / G, all else at lr.
     Adam moves every weight by about lr per step whatever its gradient's scale. An emitted entry is
-    B_i = sum_j W_ij u_j + b_i over the G entries of u = out_norm(g), whose RMS is 1 by construction, and
-    the gradients of row i's weights all carry the sign of dL/dB_i times sign(u_j); so one Adam step moves
-    B_i by lr * sum_j |u_j| ~ 0.8 G lr: G = 512 times what a plain LoRA's B entry moves at the same lr (A
-    alike). At the demo's G = 256 and lr 1e-3 that grew the deltas s*B*A from 0 to ~50x the frozen
-    weights' own norm in 10 steps and training diverged (BENCHMARKS.md, the lr sweep). Scaling those
-    weights' lr by 1 / G (muP's rule for Adam on a layer's output, Yang et al. 2022) bounds the step of
-    every emitted entry by lr, as for a plain LoRA, whatever G, d_in or d_out. Nothing upstream can inflate
-    A or B instead: u is normalised, so |B_i| <= ||W_i|| * sqrt(G) + |b_i| whatever the encoder and
-    generator do; they only choose the direction. (Clipping cannot help: Adam undoes a gradient's scale.)
+    B_i = sum_j W_ij u_j + b_i over the G entries of u = out_norm(g), whose RMS is 1 by construction; for one
+    sample and chunk the gradients of row i's weights are dL/dB_i * u_j, so Adam's first step moves B_i by
+    lr * sum_j |u_j| ~ 0.8 G lr: about 0.8 G times what a plain LoRA's B entry moves at the same lr (A alike,
+    once B != 0). At the demo's G = 256 that made lr 1e-4 act like a plain LoRA at ~2e-2, and at lr 1e-3 the
+    deltas s*B*A grew to ~40x the frozen weights' norm within 10 steps and training diverged (BENCHMARKS.md,
+    the lr sweep). Scaling those weights' lr by 1 / G (muP's rule for Adam on a layer's output, Yang et al.
+    2022) bounds the step of every emitted entry by about lr, as for a plain LoRA, whatever G, d_in or d_out.
+    Nothing upstream can inflate A or B instead: u is normalised, so |B_i| <= ||W_i|| * sqrt(G) + |b_i|
+    whatever the encoder and generator do; they only choose its direction. (Gradient clipping cannot help:
+    Adam divides a gradient's scale out.)
 """
 
 from __future__ import annotations
