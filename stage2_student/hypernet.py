@@ -31,7 +31,7 @@ Learning rate of the head projections (`optimizer_groups`): lr / G, all else at 
     sample and chunk the gradients of row i's weights are dL/dB_i * u_j, so Adam's first step moves B_i by
     lr * sum_j |u_j| ~ 0.8 G lr: about 0.8 G times what a plain LoRA's B entry moves at the same lr (A alike,
     once B != 0). At the demo's G = 256 that made lr 1e-4 act like a plain LoRA at ~2e-2, and at lr 1e-3 the
-    deltas s*B*A grew to ~40x the frozen weights' norm within 10 steps and training diverged (BENCHMARKS.md,
+    deltas s*B*A grew to 35-140x their frozen weights' norms within 10 steps and training diverged (BENCHMARKS.md,
     the lr sweep). Scaling those weights' lr by 1 / G (muP's rule for Adam on a layer's output, Yang et al.
     2022) bounds the step of every emitted entry by about lr, as for a plain LoRA, whatever G, d_in or d_out.
     Nothing upstream can inflate A or B instead: u is normalised, so |B_i| <= ||W_i|| * sqrt(G) + |b_i|
