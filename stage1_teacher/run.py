@@ -5,7 +5,8 @@ resumable job that fills exactly one cache part:
     hyperdistill teacher-cache --shard 17 --num-shards 512     # one job, any scheduler (Slurm array)
     hyperdistill teacher-cache                                  # every shard, num_engines local workers
 A complete part is skipped; an incomplete one (a killed job) is rewritten from scratch; a part leased
-by another live process is left to it (a double launch corrupts nothing).
+by another live process is left to it (a double launch corrupts nothing). An existing cache made with other
+settings (K, encoding, teacher, tokenizer, ...) is refused before the engine starts.
 
 With cache.rows=sampled, each sample's uniforms come from (cache.sample_seed, its id) and the parts hold
 N draws per row from the teacher's distribution instead of its top-K (stage1_teacher.sampling).
@@ -23,8 +24,9 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from cache_schema import CacheReader, CacheStore, PartBusy, RootMeta, SampleRows, stored_positions
-from cache_schema.layout import check_teacher_rows
+from cache_schema import (
+    CacheReader, CacheStore, PartBusy, RootMeta, SampleRows, check_teacher_rows, stored_positions,
+)
 from common.config import RunConfig, config_hash, to_dict
 from common.errors import UserError
 from common.manifest import dataset_fingerprint, load_shard_samples
@@ -213,6 +215,18 @@ def run_shards(cfg: RunConfig, shards: list[int], queue=None) -> JobSummary:
     return summary
 
 
+def check_cache_settings(cfg: RunConfig) -> None:
+    """Refuse, before any engine starts (minutes for the real teacher), a run whose settings differ from the
+    existing cache's: K, encoding, rows kind, positions, vocabulary, shard count, teacher, tokenizer and
+    chat-template fingerprints, data. Whether or not the requested parts are complete: a complete part
+    written with other settings is not this run's result. Nothing to compare while there is no cache."""
+    stored = CacheStore.existing_meta(cfg.cache.path)
+    if stored is not None:
+        tokenizer = load_tokenizer(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code)
+        # engine_version is recorded per part, not compared: the engine need not exist yet.
+        stored.require_same(root_meta(cfg, tokenizer, engine_version=""), cfg.cache.path)
+
+
 def _complete_parts(path: str) -> set[int]:
     """Parts already complete (so no engine is started for them); empty if there is no cache yet."""
     try:
@@ -239,6 +253,7 @@ def main(cfg: RunConfig, shards: list[int] | None = None, num_shards: int | None
     if not os.path.exists(cfg.manifest):
         raise UserError(f"manifest {cfg.manifest}: not found; run `hyperdistill prepare-data` first")
     t0 = time.perf_counter()
+    check_cache_settings(cfg)
     requested = list(shards) if shards else list(range(cfg.data.num_shards))
     done = _complete_parts(cfg.cache.path)
     shards = [s for s in requested if s not in done]
