@@ -41,10 +41,10 @@ def model_config(name: str, revision: str | None, trust_remote_code: bool):
     """(transformers config, where it came from)."""
     from transformers import AutoConfig
 
-    from common.tiny_models import TINY_NAMES, student_config, teacher_config
+    from common.tiny_models import _CONFIGS
 
-    if name in TINY_NAMES:
-        return {"tiny-teacher": teacher_config, "tiny-student": student_config}[name](), "the tiny model's recipe"
+    if name in _CONFIGS:
+        return _CONFIGS[name](), "the tiny model's recipe"
     local = Path(name)
     if (local / "config.json").is_file():
         return AutoConfig.from_pretrained(local, trust_remote_code=trust_remote_code), f"{local / 'config.json'}"

@@ -206,14 +206,21 @@ def _iter_file(path: Path, shown: str, results: dict[str, bool]) -> Iterator[tup
 def resolve_source(source: str) -> list[Path] | str:
     """The data files a source names (sorted), or the hub id for 'hf://OWNER/NAME'.
 
-    Paths keep the form the source gave (relative stays relative); 'sample' resolves to the bundled
-    folder, which `_shown` names relative to the repository so locations do not depend on the checkout.
+    Paths keep the form the source gave (relative stays relative); 'testbed:SPLIT' to the task-family
+    testbed's file (common.testbed, written on first use); 'sample' resolves to the bundled folder, which `_shown` names relative to the repository so locations do not depend on the checkout.
     """
     if source.startswith("hf://"):
         name = source[len("hf://") :].strip("/")
         if name.count("/") != 1:
             raise UserError(f"data.source {source!r}: expected hf://OWNER/NAME")
         return name
+    if source.startswith("testbed:"):
+        from common.testbed import SPLITS, split_file
+
+        split = source[len("testbed:") :]
+        if split not in SPLITS:
+            raise UserError(f"data.source {source!r}: expected testbed:SPLIT with SPLIT one of {', '.join(SPLITS)}")
+        return [split_file(split)]
     path = SAMPLE_DIR if source == "sample" else Path(source)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)

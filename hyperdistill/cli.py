@@ -168,6 +168,32 @@ def preflight_cmd(config_path: str, overrides: tuple[str, ...], world_size: int)
         sys.exit(1)
 
 
+@main.command("headroom")
+@config_option
+@set_option
+@click.option("--samples", type=int, default=300, show_default=True,
+              help="Cached samples to read (a seeded subset; all of them when the cache holds fewer).")
+@click.option("--split", type=click.Choice(["all", "heldout", "train"]), default="all", show_default=True,
+              help="Read the whole cache, or only stage 2's held-out or training samples.")
+@click.option("--group-by", type=click.Choice(["instance", "repo", "sample"]), default="instance", show_default=True,
+              help="A sample's task: its instance id (from the manifest), its repository, or the sample itself.")
+@click.option("--match-kl", type=float, default=0.05, show_default=True,
+              help="A task whose KL (nats per row) is at most this already matches the teacher.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample subset.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
+@reports_user_errors
+def headroom_cmd(config_path: str, overrides: tuple[str, ...], samples: int, split: str, group_by: str,
+                 match_kl: float, seed: int, as_json: bool) -> None:
+    """Before spending a node: the frozen base student's KL and top-1 agreement to the teacher's cached
+    distribution, per task and overall, and the tasks where it already matches the teacher."""
+    import json
+
+    from stage2_student.headroom import measure
+
+    report = measure(_load(config_path, overrides), samples, split, group_by, match_kl, seed)
+    click.echo(json.dumps(report.as_dict(), indent=1) if as_json else report.format())
+
+
 @main.command("param-count")
 @config_option
 @set_option

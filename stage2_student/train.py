@@ -269,7 +269,7 @@ def train(cfg: RunConfig, env) -> dict[str, float]:
         log.info(f"resident teacher {cfg.teacher.model} (frozen, a whole copy per rank)")
     online = resident if cfg.train.online_teacher else None
     eval_teacher = resident if cfg.train.eval_teacher else None
-    optimizer = torch.optim.AdamW(hypernet.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(hypernet.optimizer_groups(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     n_params = sum(p.numel() for p in hypernet.parameters())
     log.info(f"hypernetwork: {n_params:,} trainable parameters (this rank's shard) over {len(targets)} target linears")
 
@@ -308,7 +308,7 @@ def train(cfg: RunConfig, env) -> dict[str, float]:
             t0 = time.perf_counter()
             lr = lr_at(step, cfg, plan)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # hypernet.optimizer_groups says why
             sums = torch.zeros(4, dtype=torch.float64)
             tokens = 0
             for _ in range(cfg.train.grad_accum):
