@@ -53,6 +53,8 @@ class TeacherConfig:
     """Hub revision (commit or tag) to pin."""
     backend: Literal["vllm", "hf"] = "vllm"
     """'vllm' (production) or 'hf' (plain transformers forward, the reference)."""
+    capture: Literal["engine", "public"] = "engine"
+    """vllm: compute the rows inside vLLM's workers (exact sampled rows) or read its public prompt log-probs."""
     dtype: str = "bfloat16"
     """Weight/compute dtype of the teacher engine."""
     quantization: str | None = None
@@ -63,6 +65,8 @@ class TeacherConfig:
     """Shard MoE experts across the engine's GPUs instead of tensor-splitting them."""
     num_engines: int = 1
     """Engines run side by side on one node (one per GPU group); shards are handed out dynamically."""
+    data_parallel_size: int = 1
+    """vLLM data parallel ranks (one engine per rank, stepping together; with enable_expert_parallel: DP+EP)."""
     max_model_len: int = 8192
     """Longest sequence the engine accepts; longer trajectories follow data.overlong."""
     gpu_memory_utilization: float = 0.5
@@ -106,7 +110,7 @@ class CacheConfig:
     mass_epsilon: float | None = None
     """Mass-adaptive K: keep per row the fewest top entries covering 1 - epsilon of the probability (<= k)."""
     rows: Literal["topk", "sampled"] = "topk"
-    """Rows hold the teacher's top-K, or N draws from its distribution (RS-KD; unbiased with teacher.backend=hf)."""
+    """Rows hold the teacher's top-K, or N draws from its distribution (RS-KD; unbiased except with capture=public)."""
     draws: int = 64
     """Sampled rows: draws N per row, at most 1024 (the row width stage 2 sees)."""
     sample_seed: int = 0
@@ -332,6 +336,11 @@ def validate(cfg: RunConfig) -> None:
         ),
         (cfg.teacher.tensor_parallel_size >= 1, "teacher.tensor_parallel_size must be >= 1"),
         (cfg.teacher.num_engines >= 1, "teacher.num_engines must be >= 1"),
+        (cfg.teacher.data_parallel_size >= 1, "teacher.data_parallel_size must be >= 1"),
+        (cfg.teacher.data_parallel_size == 1 or cfg.teacher.backend == "vllm",
+         "teacher.data_parallel_size > 1 needs teacher.backend=vllm"),
+        (cfg.teacher.data_parallel_size == 1 or cfg.teacher.num_engines == 1,
+         "teacher.data_parallel_size and teacher.num_engines do not combine: DP ranks are the engines"),
         (0.0 < cfg.teacher.gpu_memory_utilization <= 1.0, "teacher.gpu_memory_utilization must be in (0, 1]"),
         (cfg.hyper.rank >= 1, "hyper.rank must be >= 1"),
         (len(cfg.hyper.targets) >= 1, "hyper.targets must name at least one pattern"),

@@ -102,12 +102,12 @@ def root_meta(cfg: RunConfig, tokenizer, engine_version: str) -> RootMeta:
 
 
 def _sampling_meta(cfg: RunConfig) -> dict | None:
-    """SamplingMeta of a sampled cache: the HF backend resolves every draw (support 'full'); vLLM's draws
-    beyond its top-K stay tail draws (support 'top-K')."""
+    """SamplingMeta of a sampled cache: the HF backend and vLLM's engine capture resolve every draw (support
+    'full'); with vLLM's public prompt log-probs the draws beyond its top-K stay tail draws (support 'top-K')."""
     if cfg.cache.rows != "sampled":
         return None
-    return {"draws": cfg.cache.draws, "seed": cfg.cache.sample_seed,
-            "support_k": None if cfg.teacher.backend == "hf" else cfg.cache.k}
+    exact = cfg.teacher.backend == "hf" or cfg.teacher.capture == "engine"
+    return {"draws": cfg.cache.draws, "seed": cfg.cache.sample_seed, "support_k": None if exact else cfg.cache.k}
 
 
 def _vocab_rows(cfg: RunConfig) -> int:

@@ -137,5 +137,10 @@ class VllmBackend:
     def close(self) -> None:
         """Stop the engine core and worker processes and free the KV cache."""
         if self._llm is not None:
-            self._llm.llm_engine.engine_core.shutdown()
+            shutdown_engine(self._llm)
             self._llm = None
+
+
+def shutdown_engine(llm) -> None:
+    """Stop a `vllm.LLM`'s engine core and worker processes and free its KV cache."""
+    llm.llm_engine.engine_core.shutdown()
