@@ -82,7 +82,7 @@ class TeacherConfig:
     trust_remote_code: bool = False
     """Allow model repos to run their own Python code. Off unless a model needs it."""
     chunk_rows: int = 256
-    """hf backend: rows per lm_head + logsumexp + top-K chunk."""
+    """hf backend and vLLM engine capture: rows per lm_head + logsumexp + top-K chunk."""
 
 
 @dataclass

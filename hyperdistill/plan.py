@@ -417,8 +417,8 @@ def plan_stage1(
     weights = (expert_weights / max(ep, tp) + (all_weights - expert_weights) / tp) / GB
     capture = t.capture if t.backend == "vllm" else "public"
     if capture == "engine":  # one row chunk at a time (stage1_teacher.capture), not the whole prefill chunk
-        logits = t.chunk_rows * teacher.vocab * 10 / GB + (3 * 32 * teacher.vocab * 8 / GB if cfg.cache.rows == "sampled"
-                                                           else 0.0)
+        tail_blocks = 3 * 32 * teacher.vocab * 8 / GB if cfg.cache.rows == "sampled" else 0.0  # float64 [32, V]
+        logits = t.chunk_rows * teacher.vocab * 10 / GB + tail_blocks
     else:  # the prefill chunk's logits live on the engine's first rank: bf16 logits + fp32 log-softmax
         logits = t.max_num_batched_tokens * teacher.vocab * 6 / GB
     acts = t.max_num_batched_tokens * teacher.block_act_values * 2 * 2 / tp / GB

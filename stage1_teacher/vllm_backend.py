@@ -102,14 +102,16 @@ def flat_to_topk(flat, positions: np.ndarray, k: int) -> TopK:
 
 
 class VllmBackend:
-    def __init__(self, cfg: TeacherConfig, model_path: str, k: int):
+    def __init__(self, cfg: TeacherConfig, model_path: str, k: int, llm=None):
+        """llm: score on this running `vllm.LLM` (made for the same cfg and k) instead of starting one; close()
+        then stops it too (the capture benchmark runs both paths on one engine)."""
         import vllm
         from vllm import SamplingParams
 
         self.k = k
         self.engine_version = f"vllm=={vllm.__version__}"
         self.max_model_len = cfg.max_model_len
-        self._llm = vllm.LLM(**engine_kwargs(cfg, model_path, k))
+        self._llm = llm if llm is not None else vllm.LLM(**engine_kwargs(cfg, model_path, k))
         self.vocab_size = self._llm.llm_engine.model_config.get_vocab_size()
         self._params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True)
 

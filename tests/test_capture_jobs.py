@@ -95,3 +95,29 @@ def test_sigkilled_capture_job_resumes_to_an_uninterrupted_part(tmp_path, monkey
     between_runs, resumed_vs_a = disagreement(a, b), disagreement(a, resumed)
     print(f"uninterrupted vs uninterrupted: {between_runs}; resumed vs uninterrupted: {resumed_vs_a}")
     assert resumed_vs_a[0] <= between_runs[0] and resumed_vs_a[1] <= between_runs[1]
+
+
+@pytest.mark.engine
+def test_sampled_cache_made_with_vllm_capture_has_full_support(tmp_path, monkeypatch):
+    """`cache inspect` says support full for sampled rows from vLLM's engine capture: every draw is a token."""
+    import json
+    from pathlib import Path
+
+    from cache_schema import SamplingMeta, inspect_cache
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    cfg = demo_config(tmp_path, *OVERRIDES, "cache.rows=sampled", "cache.draws=16", "data.num_shards=8")
+    prepare_data(cfg, load_tokenizer("tiny-student"))
+    shards = [json.loads(line)["shard"] for line in Path(cfg.manifest).read_text().splitlines() if line.strip()]
+    shard = min(set(shards), key=shards.count)
+    assert stage1_main(cfg, shards=[shard]).shards_done == [shard]
+    report = verify_cache(cfg.cache.path, shards=[shard])
+    assert report.ok, [str(p) for p in report.problems]
+    reader = CacheReader(cfg.cache.path)
+    assert reader.meta.sampled == SamplingMeta(draws=16, seed=0, support_k=None)
+    assert reader.meta.teacher.backend == "vllm" and "capture=engine" in reader.meta.teacher.engine_version
+    info = inspect_cache(cfg.cache.path)
+    assert info["support"] == "full" and info["tail_draw_fraction"] == 0
+    s = reader[0]
+    assert (s.tail_mass == 0).all()
+    np.testing.assert_allclose(np.exp(s.topk_logprobs.astype(np.float64)).sum(axis=1), 1.0, atol=1e-6)
