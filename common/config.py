@@ -79,6 +79,8 @@ class TeacherConfig:
     """Tokens submitted to the engine per call (several samples)."""
     enforce_eager: bool = True
     """Skip graph capture / compilation (recommended on CPU)."""
+    batch_invariant: bool = False
+    """vLLM's batch-invariant mode (VLLM_BATCH_INVARIANT=1): rows bitwise independent of batching; GPU only."""
     trust_remote_code: bool = False
     """Allow model repos to run their own Python code. Off unless a model needs it."""
     chunk_rows: int = 256

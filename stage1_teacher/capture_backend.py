@@ -27,7 +27,7 @@ from common.config import TeacherConfig
 from common.errors import UserError
 from stage1_teacher.backend import TopK, check_request, check_uniforms, empty_topk
 from stage1_teacher.capture import CAPTURE_KEY, SUPPORTED_VLLM, request_file, rows_file
-from stage1_teacher.vllm_backend import engine_kwargs, shutdown_engine
+from stage1_teacher.vllm_backend import engine_kwargs, set_engine_env, shutdown_engine
 
 EXTENSION = "stage1_teacher.capture.CaptureWorkerExtension"
 
@@ -53,6 +53,7 @@ class CaptureBackend:
         from vllm import SamplingParams
 
         check_vllm_version(vllm.__version__)
+        set_engine_env(cfg)
         self.k = k
         self.engine_version = f"vllm=={vllm.__version__} capture=engine"
         self.max_model_len = cfg.max_model_len
