@@ -184,11 +184,11 @@ def capture_md(r: dict) -> str:
         table(["rows", "driver CPU s", "wall s", "host µs/token", "tokens/s", "goal ≤ 2 µs/token"],
               path_rows("topk", "top-K") + path_rows("sampled", f"sampled N={s['draws']}")),
         "",
-        f"lm_head part at V = {m['vocab']:,}, {m['rows']:,} rows, hidden {m['hidden']} (bf16 weights), one "
-        "process each; peak RSS beyond the inputs:",
+        f"lm_head part at V = {m['vocab']:,}, {m['rows']:,} rows, hidden {m['hidden']} (float32), one process "
+        "each; peak RSS beyond the inputs:",
         "",
         table(["variant", "peak GiB", "seconds (incl. process start)"], [
-            ["full: logits + fp32 log-softmax of every row + top-K (vLLM's public path)",
+            ["full: logits + log-softmax of every row + top-K (vLLM's public path)",
              f"{m['full']['peak_bytes'] / gib:.2f}", f"{m['full']['seconds']:.1f}"],
             ["chunked: 256 rows at a time, logsumexp + top-K (the capture)", f"{m['chunked']['peak_bytes'] / gib:.2f}",
              f"{m['chunked']['seconds']:.1f}"],
