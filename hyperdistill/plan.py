@@ -66,9 +66,9 @@ MFU_STUDENT = 0.20
 """Assumed utilisation of transformers' Qwen3-Next forward/backward (grouped MoE GEMMs of ~T*k/E rows)."""
 HOST_TOPK_TOKENS_PER_S = 34_000.0
 """Prompt-logprob conversion per engine (FACTS: flat_logprobs, K=128, measured on 2 CPU cores)."""
-HOST_CAPTURE_TOKENS_PER_S = 2_000_000.0
-"""Driver-process CPU per token with the engine capture (BENCHMARKS.md, stage-1 capture: about 0.5 us/token
-on 2 CPU cores, rounded down to 2M tokens/s per front end)."""
+HOST_CAPTURE_TOKENS_PER_S = 750_000.0
+"""Driver-process CPU per token with the engine capture (BENCHMARKS.md, stage-1 capture: 1.18 us/token for
+top-K rows, 1.33 for sampled rows, on one core of the 2-core VM), per front end."""
 OVERHEAD_GB = 4.0
 """CUDA context, NCCL buffers, allocator slack per GPU."""
 ASSUMED_ASSISTANT_FRACTION = 0.28
