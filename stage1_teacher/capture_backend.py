@@ -50,7 +50,6 @@ def capture_dir() -> str:
 class CaptureBackend:
     def __init__(self, cfg: TeacherConfig, model_path: str, k: int):
         import vllm
-        from vllm import SamplingParams
 
         check_vllm_version(vllm.__version__)
         set_engine_env(cfg)
@@ -67,11 +66,11 @@ class CaptureBackend:
             self.close()
             raise
         self.vocab_size = self._llm.llm_engine.model_config.get_vocab_size()
-        self._params = SamplingParams
 
     def score(self, sequences: list[np.ndarray], positions: list[np.ndarray],
               uniforms: list[np.ndarray] | None = None) -> list[TopK]:
         from safetensors.numpy import load_file, save_file
+        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         positions = check_request(sequences, positions, self.max_model_len, self.vocab_size)
@@ -86,8 +85,8 @@ class CaptureBackend:
             save_file(request, request_file(self._dir, keys[i]))
             # The same prompt as the public path (row t needs tokens 0..t; t+1 is vLLM's "prompt token").
             prompts.append(TokensPrompt(prompt_token_ids=np.asarray(sequences[i][: positions[i][-1] + 2]).tolist()))
-            params.append(self._params(max_tokens=1, prompt_logprobs=0, detokenize=False, flat_logprobs=True,
-                                       extra_args={CAPTURE_KEY: keys[i]}))
+            params.append(SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, flat_logprobs=True,
+                                         extra_args={CAPTURE_KEY: keys[i]}))
         if prompts:
             self._llm.generate(prompts, params, use_tqdm=False)
         n_draws = None if uniforms is None else uniforms[0].shape[1]
