@@ -127,10 +127,11 @@ def test_sampled_cache_made_with_vllm_capture_has_full_support(tmp_path, monkeyp
 @pytest.mark.distributed
 def test_data_parallel_ranks_on_the_cpu_engine(tmp_path, monkeypatch):
     """teacher.data_parallel_size=2 with expert parallelism: two vLLM engines (one per DP rank) take the demo's
-    shards from one queue. vLLM 0.32's CPU engine starts both ranks and splits the experts (EP 2), then its first
-    MoE step fails: the CPU communicator's all-to-all manager (allgather_reducescatter) calls all_gatherv, which
-    the CPU communicator does not implement (NotImplementedError). Then the job must stop, not hang, and leave no
-    part marked complete; where the engine runs it, every part must verify."""
+    shards from one queue. vLLM 0.32's CPU engine starts both ranks and splits the experts (EP 2), then an MoE
+    step fails: the CPU communicator's all-to-all manager (allgather_reducescatter) calls all_gatherv, which the
+    CPU communicator does not implement (NotImplementedError); in one run here a rank had completed a part
+    before that. Then the job must stop, not hang, and every part marked complete must verify; where the
+    engine runs it, every part must be complete and verify."""
     from common.errors import UserError
 
     cfg = demo_config(tmp_path, "teacher.data_parallel_size=2", "teacher.enable_expert_parallel=true",
@@ -148,7 +149,8 @@ def test_data_parallel_ranks_on_the_cpu_engine(tmp_path, monkeypatch):
             status = CacheReader(cfg.cache.path).part_status
         except UserError:  # the ranks died before the store was created
             status = {}
-        assert "complete" not in status.values()
+        complete = [s for s, st in status.items() if st == "complete"]
+        assert not complete or verify_cache(cfg.cache.path, shards=complete).ok
         pytest.xfail("vLLM 0.32 CPU: DP+EP stops at CpuCommunicator.all_gatherv (NotImplementedError)")
     assert sorted(summary.shards_done) == list(range(cfg.data.num_shards))
     assert verify_cache(cfg.cache.path).ok
