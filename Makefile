@@ -52,7 +52,7 @@ test: models
 
 bench: models
 	$(BIN)/python -m benchmarks.run
-	$(BIN)/python -m cache_schema.bench_encodings --rows 200000 --teacher-cache $(DEMO_CACHE)
+	$(BIN)/python -m benchmarks.encodings --rows 200000 --teacher-cache $(DEMO_CACHE)
 
 bench-teach: models
 	$(BIN)/python -m benchmarks.teach

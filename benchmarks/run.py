@@ -2,14 +2,14 @@
 
     python -m benchmarks.run                    # everything (about 8 minutes on 2 CPU cores)
     python -m benchmarks.run --only stage1      # or capture, stage2
-    python -m benchmarks.run --only teach       # "does it still teach?" (issue 6, item 6; ~20 minutes; not in
+    python -m benchmarks.run --only teach       # "does it still teach?" (~20 minutes; not in
                                                 # the default run, which it would triple: `make bench-teach`)
     python -m benchmarks.run --quick            # smaller sizes, fewer repeats: a smoke run (about 4 minutes)
     python -m benchmarks.run --json results.json
 
 Each stage runs in its own process (benchmarks.stage1 / benchmarks.stage2), so that vLLM's thread pinning
 and one benchmark's memory never reach another. What each number means: the module docstrings there and
-BENCHMARKS.md. Goals (issues 3 and 4) are marked met or not; a missed goal does not fail the run.
+BENCHMARKS.md. Goals are marked met or not; a missed goal does not fail the run.
 """
 
 from __future__ import annotations

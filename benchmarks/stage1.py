@@ -1,4 +1,4 @@
-"""Stage-1 benchmark (issue 3, item 6): our teacher-cache path vs the bare vLLM engine, same prompts.
+"""Stage-1 benchmark: our teacher-cache path vs the bare vLLM engine, same prompts.
 
 (a) End to end: `stage1_teacher.run.run_shard` (render the shard's trajectories, `backend.score`, build
     `SampleRows`, `PartWriter.add`, `finish` into a fresh cache) vs `vllm.LLM.generate` with the same

@@ -1,4 +1,4 @@
-"""Does it still teach? (issue 6, item 6): held-out KL after the same training budget, per kind of teacher signal.
+"""Does it still teach? Held-out KL after the same training budget, per kind of teacher signal.
 
 On the demo set-up (bundled sample, tiny teacher and student, configs/demo.yaml), under one output folder
 (runs/teach/ by default, never runs/demo):

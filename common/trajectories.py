@@ -1,6 +1,6 @@
 """Agent trajectories: read rows from any supported source, detect their schema, normalise them.
 
-Two real layouts (shared/FACTS.md):
+Two real layouts (as described by the datasets' cards on the Hugging Face Hub):
 - 'openai'   (nebius/SWE-rebench-openhands-trajectories, nvidia/SWE-Zero-openhands-trajectories):
   trajectory_id, instance_id, trajectory = OpenAI-style messages, tools = function schemas, resolved.
 - 'swe-agent' (nebius/SWE-agent-trajectories): instance_id, model_name, target (= resolved),

@@ -1,4 +1,7 @@
-"""The `hyperdistill` command line: parse, load the config, call one function per command.
+"""The `hyperdistill` command line, every command in this one module: parse, load the config, call one
+function per command. Commands that run on a config take the same `--config` / `--set`; every command turns
+a UserError into one line `error: ...` and exit code 2 (`reports_user_errors`). Heavy modules (torch, zarr,
+vLLM) are imported inside the commands, so `hyperdistill --help` stays fast.
 
 Exit codes: 0 success, 1 the work ran but found problems (e.g. `cache verify`), 2 bad input or config
 (one line `error: ...` naming the file, sample or field), other codes for crashes (with a traceback).
@@ -29,42 +32,7 @@ def _load(config_path: str, overrides: tuple[str, ...]):
     return load_config(config_path, overrides)
 
 
-class LazyGroup(click.Group):
-    """A group whose subcommands from heavy modules (torch, zarr) are imported only when one of them runs:
-    `hyperdistill --help` lists them with the short help given here (a test checks it matches theirs)."""
-
-    LAZY = {
-        "cache": ("cache_schema.cli", "cache",
-                  "Inspect, verify and look into a logit cache (a local path or an fsspec URL)."),
-        "export-lora": ("stage2_student.export", "export_lora_cmd",
-                        "Run the trained hypernetwork on task prompts and write standard PEFT LoRA adapters."),
-        "plan": ("hyperdistill.plan", "plan_cmd",
-                 "Plan a run on paper: memory per GPU, work, cache size and hours per stage."),
-    }
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted([*super().list_commands(ctx), *self.LAZY])
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name in self.LAZY:
-            import importlib
-
-            module, attr, _ = self.LAZY[name]
-            return getattr(importlib.import_module(module), attr)
-        return super().get_command(ctx, name)
-
-    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        from click.utils import make_default_short_help
-
-        names = self.list_commands(ctx)
-        limit = formatter.width - 6 - max(map(len, names))  # as click.Group lays it out
-        rows = [(name, make_default_short_help(self.LAZY[name][2], limit) if name in self.LAZY
-                 else self.commands[name].get_short_help_str(limit)) for name in names]
-        with formatter.section("Commands"):
-            formatter.write_dl(rows)
-
-
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def main() -> None:
     """hyperdistill: distil a coding-agent teacher into a hybrid student through a hypernetwork that
     writes per-task LoRA weights.
@@ -146,16 +114,34 @@ def train_student_cmd(config_path: str, overrides: tuple[str, ...], nproc: int) 
     """Stage 2: train the hypernetwork on the cache with FSDP2 (launches torchrun on this node).
 
     Resumes from the newest checkpoint in train.output_dir. For several nodes, call torchrun directly
-    (see README: `torchrun --nnodes ... -m stage2_student.train`).
+    (see README: `torchrun --nnodes ... -m hyperdistill.cli train-worker`).
     """
     import subprocess
 
     _load(config_path, overrides)  # validate before launching processes
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "stage2_student.train", "--config", config_path]  # fmt: skip
+           "-m", "hyperdistill.cli", "train-worker", "--config", config_path]  # fmt: skip
     for item in overrides:
         cmd += ["--set", item]
     sys.exit(subprocess.call(cmd))
+
+
+@main.command("train-worker")
+@config_option
+@set_option
+@reports_user_errors
+def train_worker_cmd(config_path: str, overrides: tuple[str, ...]) -> None:
+    """Stage 2 in one process of a torchrun launch (what train-student runs on every rank).
+
+    \b
+    For several nodes, on each node:
+      torchrun --nnodes N --nproc_per_node G --rdzv_backend c10d --rdzv_endpoint HOST:PORT \\
+        -m hyperdistill.cli train-worker --config CONFIG [--set KEY=VALUE ...]
+    A bad config or cache is reported once, by rank 0 (exit code 2).
+    """
+    from stage2_student.train import main as train_main
+
+    sys.exit(train_main(config_path, overrides))
 
 
 @main.command("preflight")
@@ -190,3 +176,184 @@ def param_count_cmd(config_path: str, overrides: tuple[str, ...]) -> None:
         click.echo(f"{key:>28}: {value:,}" if isinstance(value, int) else f"{key:>28}: {value}")
 
 
+
+
+@main.command("export-lora")
+@click.option("--checkpoint", "checkpoint", required=True, type=click.Path(exists=True),
+              help="A checkpoint step folder, or a run's train.output_dir (its newest checkpoint).")
+@click.option("--prompt", "prompt", default=None, metavar="FILE|TEXT",
+              help="The task prompt: a file to read, or the text itself.")
+@click.option("--prompts-jsonl", "prompts_jsonl", default=None, type=click.Path(dir_okay=False),
+              help='Batch mode: a JSONL of {"name": ..., "prompt": ...}; one adapter folder per line.')
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False),
+              help="The adapter folder (with --prompt), or the folder that receives one per name (batch).")
+@click.option("--servable-only", is_flag=True,
+              help="Keep only the target modules vLLM can serve LoRA on for this student.")
+@reports_user_errors
+def export_lora_cmd(checkpoint: str, prompt: str | None, prompts_jsonl: str | None, out: str,
+                    servable_only: bool) -> None:
+    """Run the trained hypernetwork on task prompts and write standard PEFT LoRA adapters.
+
+    The run config comes from the checkpoint (no --config: the hypernetwork must be rebuilt as trained)."""
+    import json
+    from pathlib import Path
+
+    from stage2_student.export import export_lora, read_prompt, read_prompts_jsonl
+
+    if (prompt is None) == (prompts_jsonl is None):
+        raise UserError("export-lora: give exactly one of --prompt and --prompts-jsonl")
+    if prompt is not None:
+        target = Path(out)  # the single adapter goes exactly at --out
+        folders = export_lora(checkpoint, [(target.name, read_prompt(prompt))], target.parent, servable_only)
+    else:
+        folders = export_lora(checkpoint, read_prompts_jsonl(prompts_jsonl), out, servable_only)
+    for folder in folders:
+        info = json.loads((folder / "export.json").read_text())
+        dropped = f", {len(info['dropped_targets'])} not servable dropped" if info["dropped_targets"] else ""
+        click.echo(f"{folder}: {info['targets']} target modules{dropped} ({info['prompt_tokens']} prompt tokens)")
+
+
+@main.command("plan")
+@config_option
+@set_option
+@click.option("--gpus", type=int, default=8, show_default=True, help="GPUs in all (nodes x GPUs per node).")
+@click.option("--gpu-mem-gb", type=float, default=141.0, show_default=True, help="Memory per GPU (H200: 141).")
+@click.option("--gpus-per-node", type=int, default=8, show_default=True, help="Stage 1 runs one job per node.")
+@click.option("--bytes-per-row", type=float, default=None, help="Measured cache bytes per top-K row (make bench).")
+@click.option("--mfu-teacher", type=float, default=None,
+              help="Utilisation of the teacher's prefill (of the fp8 peak for an fp8 teacher); default: the "
+                   "planner's stated assumption, printed in the plan.")
+@click.option("--mfu-student", type=float, default=None,
+              help="Utilisation of stage 2's forward/recompute/backward; default: the planner's assumption.")
+@click.option("--allgather-gbps", type=float, default=None,
+              help="FSDP2 all-gather bandwidth per GPU within a node; default: the planner's assumption.")
+@reports_user_errors
+def plan_cmd(config_path: str, overrides: tuple[str, ...], gpus: int, gpu_mem_gb: float, gpus_per_node: int,
+             bytes_per_row: float | None, mfu_teacher: float | None, mfu_student: float | None,
+             allgather_gbps: float | None) -> None:
+    """Plan a run on paper: memory per GPU, work, cache size and hours per stage."""
+    from hyperdistill.plan import format_plan, plan_run
+
+    hardware = {key: value for key, value in (("mfu_teacher", mfu_teacher), ("mfu_student", mfu_student),
+                                              ("allgather_gbps", allgather_gbps)) if value is not None}
+    plan = plan_run(_load(config_path, overrides), gpus, gpu_mem_gb, gpus_per_node=gpus_per_node,
+                    bytes_per_row=bytes_per_row, **hardware)
+    click.echo(format_plan(plan))
+
+
+# ---------------------------------------------------------------------------------------------
+# hyperdistill cache ...: exit codes 0 fine, 1 verify found problems, 2 bad input
+
+
+@main.group("cache")
+def cache() -> None:
+    """Inspect, verify and look into a logit cache (a local path or an fsspec URL)."""
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_format(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ", ".join(f"{v:05d}" if isinstance(v, int) else str(v) for v in value) or "-"
+    return str(value)
+
+
+def _parse_pos(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        a, b = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise UserError(f"--pos {text!r}: expected A:B with integers A < B") from None
+    if a >= b:
+        raise UserError(f"--pos {text!r}: expected A < B")
+    return a, b
+
+
+@cache.command("inspect", short_help="Summarise a cache: teacher, counts, parts, bytes per row.")
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@reports_user_errors
+def cache_inspect_cmd(path: str, as_json: bool) -> None:
+    """Teacher, rows kind (top-K or sampled: draws, support, tail-draw fraction), K, encoding, samples /
+    tokens / rows, parts complete, bytes on disk, bytes per row, entries (distinct ids) per row and
+    compression ratio of the cache at PATH."""
+    import json
+
+    from cache_schema.inspect import inspect_cache
+
+    info = inspect_cache(path)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        click.echo(f"{key:>20}: {_format(value)}")
+
+
+@cache.command("verify", short_help="Check every part and sample; exit 1 if anything is wrong.")
+@click.argument("path")
+@click.option("--manifest", type=click.Path(dir_okay=False), default=None,
+              help="JSONL manifest (lines with 'sample_id' or 'id', and 'shard'): every listed sample must be present.")
+@click.option("--shard", "shards", type=int, multiple=True, help="Check only this shard (repeatable); default all.")
+@reports_user_errors
+def cache_verify_cmd(path: str, manifest: str | None, shards: tuple[int, ...]) -> None:
+    """Read back every part and sample of the cache at PATH and check checksums, values, rank order, ids,
+    positions and offsets. Prints each problem; exits 1 if there is any, 0 if the cache is clean."""
+    from cache_schema.verify import load_manifest_ids, verify_cache
+
+    ids = load_manifest_ids(manifest) if manifest else None
+    report = verify_cache(path, ids, shards=list(shards) or None)
+    for problem in report.problems:
+        click.echo(str(problem))
+    click.echo(report.summary())
+    if not report.ok:
+        sys.exit(1)
+
+
+@cache.command("show", short_help="Print one sample's rows as a table of tokens and probabilities.")
+@click.argument("path")
+@click.argument("sample")
+@click.option("--pos", default=None, metavar="A:B",
+              help="Show rows at positions A <= t < B (default: the first 20 rows).")
+@click.option("--tokenizer", default=None, metavar="PATH",
+              help="Local tokenizer folder to decode ids (default: the path in the cache's metadata).")
+@click.option("--raw-ids", is_flag=True, help="Print token ids instead of decoded tokens (no tokenizer needed).")
+@click.option("--top", default=5, show_default=True, help="How many of the teacher's top tokens to show per row.")
+@reports_user_errors
+def cache_show_cmd(path: str, sample: str, pos: str | None, tokenizer: str | None, raw_ids: bool, top: int) -> None:
+    """Table of SAMPLE's rows (SAMPLE: a sample id, or an index into the cache): position t, the actual next
+    token, the probability and rank the teacher gave it, tail mass, and the teacher's top tokens."""
+    from cache_schema.inspect import show_sample
+
+    click.echo(show_sample(path, sample, _parse_pos(pos), tokenizer, top=top, raw_ids=raw_ids))
+
+
+@cache.command("stats", short_help="Entropy, top-1 and tail-mass statistics (and histograms).")
+@click.argument("path")
+@click.option("--plot", default=None, metavar="OUT.png", help="Also write histograms of the three quantities here.")
+@click.option("--max-rows", default=2_000_000, show_default=True,
+              help="Use at most this many rows (whole samples, spread evenly).")
+@click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
+@reports_user_errors
+def cache_stats_cmd(path: str, plot: str | None, max_rows: int, as_json: bool) -> None:
+    """Entropy (top-K plus a tail bucket, nats), top-1 probability and tail mass of the rows of the cache
+    at PATH: mean and percentiles."""
+    import json
+
+    from cache_schema.inspect import cache_stats
+
+    stats = cache_stats(path, plot, max_rows=max_rows)
+    if as_json:
+        click.echo(json.dumps(stats, indent=2))
+        return
+    click.echo(f"rows: {stats['rows']} (used {stats['rows_used']})")
+    for key in ("entropy", "top1_mass", "tail_mass"):
+        click.echo(f"{key:>10}: {_format(stats[key])}")
+    if plot:
+        click.echo(f"plot written to {plot}")
+
+
+if __name__ == "__main__":  # torchrun runs `-m hyperdistill.cli train-worker ...`
+    main()

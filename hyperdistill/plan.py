@@ -1,4 +1,4 @@
-"""hyperdistill plan CONFIG: what a run costs on paper, per stage, before any GPU time is spent.
+"""`hyperdistill plan --config CONFIG`: what a run costs on paper, per stage, before any GPU time is spent.
 
 Inputs: the run config, the models' published configs (a local config.json when there is one, else the
 built-in transcriptions below; no weights), the manifest when prepare-data has written it (else stated
@@ -65,7 +65,7 @@ MFU_TEACHER = 0.30
 MFU_STUDENT = 0.20
 """Assumed utilisation of transformers' Qwen3-Next forward/backward (grouped MoE GEMMs of ~T*k/E rows)."""
 HOST_TOPK_TOKENS_PER_S = 34_000.0
-"""Prompt-logprob conversion per engine (FACTS: flat_logprobs, K=128, measured on 2 CPU cores)."""
+"""Prompt-logprob conversion per engine (vLLM flat_logprobs, K=128, measured on 2 CPU cores: BENCHMARKS.md, stage 1)."""
 HOST_CAPTURE_TOKENS_PER_S = 750_000.0
 """Driver-process CPU per token with the engine capture (BENCHMARKS.md, stage-1 capture: 1.18 us/token for
 top-K rows, 1.33 for sampled rows, on one core of the 2-core VM), per front end."""
@@ -74,7 +74,7 @@ OVERHEAD_GB = 4.0
 ASSUMED_ASSISTANT_FRACTION = 0.28
 """Without a manifest: assistant tokens / all tokens (measured on the bundled sample with prepare-data)."""
 PUBLISHED_DATASETS = {
-    # FACTS.md (dataset card): 67,074 trajectories, 32,161 resolved, 64 turns on average.
+    # The dataset card on the Hugging Face Hub: 67,074 trajectories, 32,161 resolved, 64 turns on average.
     "hf://nebius/SWE-rebench-openhands-trajectories": {"all": 67_074, "resolved": 32_161},
 }
 SEED_PLAN_HOURS = 44.0
@@ -700,47 +700,3 @@ def seed_comparison(plan: Plan) -> list[str]:
         f"{implied_mfu:.1%} (assumed {hw.mfu_student:.0%}), or all-gathers at {implied_gbps:.0f} GB/s "
         f"(assumed {hw.allgather_gbps:g})",
     ]
-
-
-# ---------------------------------------------------------------------------------------------
-# The command line
-
-
-def _make_command():
-    import click
-
-    @click.command("plan")
-    @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
-    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field.")
-    @click.option("--gpus", type=int, default=8, show_default=True, help="GPUs in all (nodes x GPUs per node).")
-    @click.option("--gpu-mem-gb", type=float, default=141.0, show_default=True, help="Memory per GPU (H200: 141).")
-    @click.option("--gpus-per-node", type=int, default=8, show_default=True, help="Stage 1 runs one job per node.")
-    @click.option("--bytes-per-row", type=float, default=None, help="Measured cache bytes per top-K row (make bench).")
-    @click.option("--mfu-teacher", type=float, default=MFU_TEACHER, show_default=True,
-                  help="Assumed utilisation of the teacher's prefill (of the fp8 peak for an fp8 teacher).")
-    @click.option("--mfu-student", type=float, default=MFU_STUDENT, show_default=True,
-                  help="Assumed utilisation of stage 2's forward/recompute/backward.")
-    @click.option("--allgather-gbps", type=float, default=ALLGATHER_GBPS, show_default=True,
-                  help="FSDP2 all-gather bandwidth per GPU within a node.")
-    def plan_cmd(config_path, overrides, gpus, gpu_mem_gb, gpus_per_node, bytes_per_row, mfu_teacher, mfu_student,
-                 allgather_gbps):  # fmt: skip
-        """Plan a run on paper: memory per GPU, work, cache size and hours per stage."""
-        import sys
-
-        from common.config import load_config
-
-        try:
-            cfg = load_config(config_path, overrides)
-            plan = plan_run(
-                cfg, gpus, gpu_mem_gb, gpus_per_node=gpus_per_node, bytes_per_row=bytes_per_row,
-                mfu_teacher=mfu_teacher, mfu_student=mfu_student, allgather_gbps=allgather_gbps,
-            )  # fmt: skip
-        except UserError as e:  # the CLI's convention: one line, exit code 2
-            click.echo(f"error: {e}", err=True)
-            sys.exit(UserError.exit_code)
-        click.echo(format_plan(plan))
-
-    return plan_cmd
-
-
-plan_cmd = _make_command()

@@ -7,7 +7,8 @@ resumable job that fills exactly one cache part:
 With teacher.data_parallel_size D > 1 the local workers are vLLM's D data-parallel ranks (DP+EP for MoE
 teachers with enable_expert_parallel): they take shards from one queue and step together until all are done.
 A complete part is skipped; an incomplete one (a killed job) is rewritten from scratch; a part leased
-by another live process is left to it (a double launch corrupts nothing).
+by another live process is left to it (a double launch corrupts nothing). An existing cache made with other
+settings (K, encoding, teacher, tokenizer, ...) is refused before the engine starts.
 
 With cache.rows=sampled, each sample's uniforms come from (cache.sample_seed, its id) and the parts hold
 N draws per row from the teacher's distribution instead of its top-K (stage1_teacher.sampling).
@@ -25,8 +26,9 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from cache_schema import CacheReader, CacheStore, PartBusy, RootMeta, SampleRows, stored_positions
-from cache_schema.layout import check_teacher_rows
+from cache_schema import (
+    CacheReader, CacheStore, PartBusy, RootMeta, SampleRows, check_teacher_rows, stored_positions,
+)
 from common.config import RunConfig, config_hash, to_dict
 from common.errors import UserError
 from common.manifest import dataset_fingerprint, load_shard_samples
@@ -226,6 +228,18 @@ def run_shards(cfg: RunConfig, shards: list[int], queue=None, peers=None) -> Job
     return summary
 
 
+def check_cache_settings(cfg: RunConfig) -> None:
+    """Refuse, before any engine starts (minutes for the real teacher), a run whose settings differ from the
+    existing cache's: K, encoding, rows kind, positions, vocabulary, shard count, teacher, tokenizer and
+    chat-template fingerprints, data. Whether or not the requested parts are complete: a complete part
+    written with other settings is not this run's result. Nothing to compare while there is no cache."""
+    stored = CacheStore.existing_meta(cfg.cache.path)
+    if stored is not None:
+        tokenizer = load_tokenizer(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code)
+        # engine_version is recorded per part, not compared: the engine need not exist yet.
+        stored.require_same(root_meta(cfg, tokenizer, engine_version=""), cfg.cache.path)
+
+
 def _complete_parts(path: str) -> set[int]:
     """Parts already complete (so no engine is started for them); empty if there is no cache yet."""
     try:
@@ -263,6 +277,7 @@ def main(cfg: RunConfig, shards: list[int] | None = None, num_shards: int | None
     if not os.path.exists(cfg.manifest):
         raise UserError(f"manifest {cfg.manifest}: not found; run `hyperdistill prepare-data` first")
     t0 = time.perf_counter()
+    check_cache_settings(cfg)
     dp = cfg.teacher.data_parallel_size
     requested = list(shards) if shards else list(range(cfg.data.num_shards))
     done = _complete_parts(cfg.cache.path)

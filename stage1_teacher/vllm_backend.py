@@ -89,7 +89,7 @@ def set_engine_env(cfg: TeacherConfig) -> None:
 def flat_to_topk(flat, positions: np.ndarray, k: int) -> TopK:
     """Rows `positions` (ascending) of one request's FlatLogprobs as rank-ordered [R, K] arrays (layout:
     module doc). Only the requested rows' entries are converted: with positions='assistant' most rows are
-    skipped, and the conversion, not the model, dominated this step (shared/FACTS.md)."""
+    skipped, and the conversion, not the model, dominated this step (BENCHMARKS.md, stage 1)."""
     if len(positions) == 0:
         return empty_topk(k)
     pos = np.asarray(positions, dtype=np.int64)

@@ -29,7 +29,7 @@ forward_tail at T = 1 on such rows is the RS-KD loss (random-sampling KD): with 
 'full': the hf backend, vLLM's engine capture) its student-dependent part, -sum_k (count_k / N) log q_k, is an
 unbiased estimate of the full cross-entropy -sum_v p_v log q_v, so its gradient is unbiased. With unnamed tail
 draws (support 'top-K', vLLM's public path) the tail bucket also holds the top-K ids not drawn in that row: a small bias that shrinks
-with N (cache_schema.layout). Other losses or temperatures are biased on these rows; the trainer refuses
+with N (cache_schema.format). Other losses or temperatures are biased on these rows; the trainer refuses
 them. top1_agree on sampled rows compares with the most-drawn id (ties: the smallest id).
 
 Full vocabulary (`full_vocab_kl`): with the teacher model itself at hand (small teachers only: online

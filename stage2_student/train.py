@@ -1,7 +1,7 @@
 """Stage 2: train the hypernetwork against the teacher cache; the student stays frozen.
 
 Run under torchrun (`hyperdistill train-student --nproc N` launches it):
-    torchrun --nproc_per_node 8 -m stage2_student.train --config configs/qwen3_coder.yaml
+    torchrun --nproc_per_node 8 -m hyperdistill.cli train-worker --config configs/qwen3_coder.yaml
 
 Per step: prompt -> hypernetwork -> per-sample LoRA (A, B) for every target linear -> frozen student
 forward with the LoRA hooks -> hidden states at the cached rows -> chunked lm_head + logsumexp + gather
@@ -26,6 +26,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -128,7 +129,7 @@ def check_sampled_rows(reader: CacheReader, cfg: RunConfig) -> None:
     if sampled.support_k is not None:
         logging.getLogger("hyperdistill.stage2").warning(
             "cache %s: sampled rows with support top-%d (vLLM): draws beyond the teacher's top-K are unnamed, "
-            "so the target is slightly biased toward the drawn ids (see cache_schema.layout)", reader.path,
+            "so the target is slightly biased toward the drawn ids (see cache_schema.format)", reader.path,
             sampled.support_k,
         )
 
@@ -365,16 +366,12 @@ def train(cfg: RunConfig, env) -> dict[str, float]:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Stage 2 trainer (run under torchrun).")
-    parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    args = parser.parse_args(argv)
+def main(config_path: str | None, overrides: Sequence[str] = ()) -> int:
+    """One stage-2 process under torchrun (`hyperdistill train-worker`, which train-student launches): the
+    config loaded as every command loads it; a UserError is printed once, by rank 0, and returns 2."""
     env = distributed.init_distributed()
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(config_path, overrides)
         train(cfg, env)
         return 0
     except UserError as e:
@@ -384,6 +381,3 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         distributed.cleanup()
 
-
-if __name__ == "__main__":
-    sys.exit(main())

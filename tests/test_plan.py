@@ -1,9 +1,9 @@
 """`hyperdistill plan`: the shipped configs plan, the real run lands in a sane band, configs that cannot fit
 are refused by how much, and the throughput model scales as it says.
 
-Reference numbers come from the published models and the run config, not from the planner: FACTS.md gives
-480B / 79.7B parameters, FP8 teacher weights of ~480 GB (~60 GB per GPU at TP8), and the student's bf16
-weights are 2 bytes x 79.7B = 159 GB.
+Reference numbers come from the published models and the run config, not from the planner: the models'
+Hugging Face model cards give 480B / 79.7B parameters, FP8 teacher weights of ~480 GB (~60 GB per GPU at
+TP8), and the student's bf16 weights are 2 bytes x 79.7B = 159 GB.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from click.testing import CliRunner
 
 from common.config import load_config
 from common.errors import UserError
-from hyperdistill.plan import format_plan, mean_context, plan_cmd, plan_run
+from hyperdistill.cli import plan_cmd
+from hyperdistill.plan import format_plan, mean_context, plan_run
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 REAL = CONFIGS / "qwen3_coder.yaml"
@@ -152,9 +153,20 @@ def test_mean_context_of_one_sequence_is_half_its_length():
 
 def test_cli_prints_the_plan_or_one_error_line():
     runner = CliRunner()
-    ok = runner.invoke(plan_cmd, [str(TWO_NODE), "--gpus", "16"])
+    ok = runner.invoke(plan_cmd, ["--config", str(TWO_NODE), "--gpus", "16"])
     assert ok.exit_code == 0, ok.output
     assert "8 shard x 2 replicate (HSDP)" in ok.output and "2 engine(s) x TP8" in ok.output
-    bad = runner.invoke(plan_cmd, [str(REAL), "--gpus", "8", "--gpu-mem-gb", "80"])
+    bad = runner.invoke(plan_cmd, ["--config", str(REAL), "--gpus", "8", "--gpu-mem-gb", "80"])
     assert bad.exit_code == 2 and bad.output.startswith("error: stage 1 (teacher-cache)")
     assert len(bad.output.strip().splitlines()) == 1
+
+
+def test_plan_takes_its_config_like_every_command():
+    """`plan` takes --config and --set like the other commands, and no positional config any more."""
+    runner = CliRunner()
+    positional = runner.invoke(plan_cmd, [str(TWO_NODE), "--gpus", "16"])
+    assert positional.exit_code == 2 and "unexpected extra argument" in positional.output.lower()
+    changed = runner.invoke(plan_cmd, ["--config", str(TWO_NODE), "--gpus", "16", "--set", "train.batch_size=4"])
+    assert changed.exit_code == 0, changed.output
+    ok = runner.invoke(plan_cmd, ["--config", str(TWO_NODE), "--gpus", "16"])
+    assert changed.output != ok.output

@@ -47,7 +47,7 @@ def cache_cfg(hf_cache_run):
 def _torchrun(cfg, output_dir: Path, extra: list[str] = (), wait: bool = True):
     sets = [*config_overrides(cfg), f"train.output_dir={output_dir}", *TRAIN, *extra]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "stage2_student.train", "--config", str(REPO / "configs" / "demo.yaml")]  # fmt: skip
+           "-m", "hyperdistill.cli", "train-worker", "--config", str(REPO / "configs" / "demo.yaml")]  # fmt: skip
     for s in sets:
         cmd += ["--set", s]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
