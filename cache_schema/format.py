@@ -72,13 +72,14 @@ Sampled rows (RS-KD: Anshumann et al. 2025, "Sparse Logit Sampling"), SamplingMe
   distinct ids with their counts c_i. The training target is the empirical distribution w_i = c_i / N:
   E[w_i] = p_i, so -sum_i w_i log s_i (the student's softmax s over the full vocabulary) has the expected
   value and gradient of the cross-entropy CE(p, s): unbiased, where a top-K target is not.
-- Tail draws: with support 'full' (support_k None, the HF backend) every draw is a token and a row's counts
-  sum to N: the target is unbiased. With support 'top-K' (vLLM, whose prompt log-probs stop at the top-K) a
+- Tail draws: with support 'full' (support_k None: the HF backend, vLLM's engine capture) every draw is a
+  token and a row's counts sum to N: the target is unbiased. With support 'top-K' (vLLM's public path,
+  whose prompt log-probs stop at the top-K) a
   draw beyond the top-K's mass is only counted, as N - sum of the row's counts, and the target is no longer
   exactly unbiased: stage 2's tail bucket (everything but the row's drawn ids) also holds the top-K ids that
   were not drawn, so the tail draws' weight is spread over them too. The bias shrinks as N and the top-K's
-  mass grow (a measured example: BENCHMARKS.md, "Codec and chunk choices"); for an unbiased cache use the hf
-  backend or a K whose tail is negligible.
+  mass grow (a measured example: BENCHMARKS.md, "Codec and chunk choices"); for an unbiased cache use
+  teacher.capture=engine, the hf backend or a K whose tail is negligible.
 - Read back as CacheSample rows of width N (RootMeta.row_width): topk_ids the distinct ids then padding as
   for mass-adaptive rows, topk_logprobs log(c_i / N) then PAD_LOGPROB, topk_counts the distinct ids,
   tail_mass the tail draws / N. Stage 2's forward_tail loss at temperature 1 over these entries plus the

@@ -92,8 +92,9 @@ class SamplingMeta(_Meta):
     seed: int
     """Seed of the per-sample uniforms (stage1_teacher.sampling.sample_uniforms)."""
     support_k: int | None = None
-    """None: every draw is a token (support 'full', the HF backend resolves draws outside its top-K exactly);
-    an int K: draws outside the engine's top-K are only counted, as the row's tail (support 'top-K', vLLM)."""
+    """None: every draw is a token (support 'full': the HF backend and vLLM's engine capture resolve draws outside
+    the top-K exactly); an int K: draws outside the engine's top-K are only counted, as the row's tail (support
+    'top-K', vLLM's public path)."""
 
     @property
     def support(self) -> str:

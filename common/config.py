@@ -61,7 +61,7 @@ class TeacherConfig:
     RANGES: ClassVar[dict[str, str]] = {
         "tensor_parallel_size": ">= 1", "num_engines": ">= 1", "max_model_len": ">= 2",
         "gpu_memory_utilization": "(0, 1]", "kv_cache_gib": "> 0", "max_num_batched_tokens": ">= 1",
-        "batch_tokens": ">= 1", "chunk_rows": ">= 1",
+        "batch_tokens": ">= 1", "chunk_rows": ">= 1", "data_parallel_size": ">= 1",
     }  # allowed values of the numeric fields, checked on load
     model: str = "tiny-teacher"
     """'tiny-teacher' (built locally) or a hub id / local path of a causal LM."""
@@ -69,6 +69,8 @@ class TeacherConfig:
     """Hub revision (commit or tag) to pin."""
     backend: Literal["vllm", "hf"] = "vllm"
     """'vllm' (production) or 'hf' (plain transformers forward, the reference)."""
+    capture: Literal["engine", "public"] = "engine"
+    """vllm: compute the rows inside vLLM's workers (exact sampled rows) or read its public prompt log-probs."""
     dtype: str = "bfloat16"
     """Weight/compute dtype of the teacher engine."""
     quantization: str | None = None
@@ -79,6 +81,8 @@ class TeacherConfig:
     """Shard MoE experts across the engine's GPUs instead of tensor-splitting them."""
     num_engines: int = 1
     """Engines run side by side on one node (one per GPU group); shards are handed out dynamically."""
+    data_parallel_size: int = 1
+    """vLLM data parallel ranks (one engine per rank, stepping together; with enable_expert_parallel: DP+EP)."""
     max_model_len: int = 8192
     """Longest sequence the engine accepts; longer trajectories follow data.overlong."""
     gpu_memory_utilization: float = 0.5
@@ -91,10 +95,12 @@ class TeacherConfig:
     """Tokens submitted to the engine per call (several samples)."""
     enforce_eager: bool = True
     """Skip graph capture / compilation (recommended on CPU)."""
+    batch_invariant: bool = False
+    """vLLM's batch-invariant mode (VLLM_BATCH_INVARIANT=1): rows bitwise independent of batching; GPU only."""
     trust_remote_code: bool = False
     """Allow model repos to run their own Python code. Off unless a model needs it."""
     chunk_rows: int = 256
-    """hf backend: rows per lm_head + logsumexp + top-K chunk."""
+    """hf backend and vLLM engine capture: rows per lm_head + logsumexp + top-K chunk."""
 
 
 @dataclass
@@ -125,7 +131,7 @@ class CacheConfig:
     mass_epsilon: float | None = None
     """Mass-adaptive K: keep per row the fewest top entries covering 1 - epsilon of the probability (<= k)."""
     rows: Literal["topk", "sampled"] = "topk"
-    """Rows hold the teacher's top-K, or N draws from its distribution (RS-KD; unbiased with teacher.backend=hf)."""
+    """Rows hold the teacher's top-K, or N draws from its distribution (RS-KD; unbiased except with capture=public)."""
     draws: int = 64
     """Sampled rows: draws N per row, at most 1024 (the row width stage 2 sees)."""
     sample_seed: int = 0
@@ -406,6 +412,10 @@ def validate(cfg: RunConfig) -> None:
             cfg.data.max_tokens <= cfg.teacher.max_model_len,
             "data.max_tokens exceeds teacher.max_model_len: the engine would refuse those trajectories",
         ),
+        (cfg.teacher.data_parallel_size == 1 or cfg.teacher.backend == "vllm",
+         "teacher.data_parallel_size > 1 needs teacher.backend=vllm"),
+        (cfg.teacher.data_parallel_size == 1 or cfg.teacher.num_engines == 1,
+         "teacher.data_parallel_size and teacher.num_engines do not combine: DP ranks are the engines"),
         (len(cfg.hyper.targets) >= 1, "hyper.targets must name at least one pattern"),
         (len(cfg.train.phases) >= 1, "train.phases must list at least one phase"),
         (
