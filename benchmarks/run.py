@@ -1,15 +1,15 @@
 """`make bench`: run the stage-1 and stage-2 benchmarks and print their results as markdown tables.
 
     python -m benchmarks.run                    # everything (about 8 minutes on 2 CPU cores)
-    python -m benchmarks.run --only stage1      # or stage2
-    python -m benchmarks.run --only teach       # "does it still teach?" (issue 6, item 6; ~20 minutes; not in
+    python -m benchmarks.run --only stage1      # or capture, stage2
+    python -m benchmarks.run --only teach       # "does it still teach?" (~20 minutes; not in
                                                 # the default run, which it would triple: `make bench-teach`)
     python -m benchmarks.run --quick            # smaller sizes, fewer repeats: a smoke run (about 4 minutes)
     python -m benchmarks.run --json results.json
 
 Each stage runs in its own process (benchmarks.stage1 / benchmarks.stage2), so that vLLM's thread pinning
 and one benchmark's memory never reach another. What each number means: the module docstrings there and
-BENCHMARKS.md. Goals (issues 3 and 4) are marked met or not; a missed goal does not fail the run.
+BENCHMARKS.md. Goals are marked met or not; a missed goal does not fail the run.
 """
 
 from __future__ import annotations
@@ -157,6 +157,46 @@ def stage1_md(r: dict) -> str:
     return "\n".join(lines)
 
 
+def capture_md(r: dict) -> str:
+    e, m, s = r["engine"], r["lm_head"], r["settings"]
+
+    def path_rows(kind: str, label: str) -> list[list]:
+        x = e[kind]
+        return [
+            [f"{label}: public path (`capture: public`)", spread(x["public"]["cpu_s"]), spread(x["public"]["wall_s"]),
+             f"{x['public']['host_us_per_token']:.2f}", f"{x['public']['tokens_per_s']:,.0f}", ""],
+            [f"{label}: engine capture (`capture: engine`)", spread(x["capture"]["cpu_s"]),
+             spread(x["capture"]["wall_s"]), f"{x['capture']['host_us_per_token']:.2f}",
+             f"{x['capture']['tokens_per_s']:,.0f}", goal(x["capture"]["host_us_per_token"] <= 2)],
+            [f"{label}: **capture speed / public speed** (median of per-repeat wall ratios; goal ≥ 0.95)",
+             "", "", "", f"{x['speed_ratio']:.3f}", goal(x["speed_ratio"] >= 0.95)],
+        ]  # fmt: skip
+
+    gib = 1024**3
+    return "\n".join([
+        f"### Stage 1: engine capture vs vLLM's public prompt log-probs ({e['engine']}, CPU, K={r['k']})",
+        "",
+        f"{e['samples']} bundled OpenHands trajectories cut to {s['max_tokens']} tokens, {e['tokens_sent']:,} tokens "
+        f"sent, {e['rows']:,} rows at assistant positions; one engine (engine core and worker in their own "
+        f"processes) serves both paths, {s['reps']} alternating repeats after a warm-up. Host = CPU seconds of "
+        "the driver process (`time.process_time`) during `backend.score`, per token sent.",
+        "",
+        table(["rows", "driver CPU s", "wall s", "host µs/token", "tokens/s", "goal ≤ 2 µs/token"],
+              path_rows("topk", "top-K") + path_rows("sampled", f"sampled N={s['draws']}")),
+        "",
+        f"lm_head part at V = {m['vocab']:,}, {m['rows']:,} rows, hidden {m['hidden']} (float32), one process "
+        "each; peak RSS beyond the inputs:",
+        "",
+        table(["variant", "peak GiB", "seconds (incl. process start)"], [
+            ["full: logits + log-softmax of every row + top-K (vLLM's public path)",
+             f"{m['full']['peak_bytes'] / gib:.2f}", f"{m['full']['seconds']:.1f}"],
+            ["chunked: 256 rows at a time, logsumexp + top-K (the capture)", f"{m['chunked']['peak_bytes'] / gib:.2f}",
+             f"{m['chunked']['seconds']:.1f}"],
+            ["full / chunked", f"{m['full']['peak_bytes'] / max(m['chunked']['peak_bytes'], 1):.1f}x", ""],
+        ]),
+    ])  # fmt: skip
+
+
 def stage2_md(r: dict) -> str:
     loss, step = r["loss"], r["step"]
 
@@ -219,11 +259,11 @@ def teach_md(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["stage1", "stage2", "teach"], help="run one stage's benchmarks")
+    parser.add_argument("--only", choices=["stage1", "capture", "stage2", "teach"], help="run one stage's benchmarks")
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (a smoke run)")
     parser.add_argument("--json", dest="json_path", help="also write every raw result to this file")
     args = parser.parse_args(argv)
-    stages = [args.only] if args.only else ["stage1", "stage2"]
+    stages = [args.only] if args.only else ["stage1", "capture", "stage2"]
     info = machine()
     results: dict = {"machine": info}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
@@ -237,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     sections = ["## Results" + (" (quick mode)" if args.quick else ""), "", machine_md(info, argv)]
     if "stage1" in results:
         sections += ["", stage1_md(results["stage1"])]
+    if "capture" in results:
+        sections += ["", capture_md(results["capture"])]
     if "stage2" in results:
         sections += ["", stage2_md(results["stage2"])]
     if "teach" in results:

@@ -1,4 +1,4 @@
-"""Stage-1 benchmark (issue 3, item 6): our teacher-cache path vs the bare vLLM engine, same prompts.
+"""Stage-1 benchmark: our teacher-cache path vs the bare vLLM engine, same prompts.
 
 (a) End to end: `stage1_teacher.run.run_shard` (render the shard's trajectories, `backend.score`, build
     `SampleRows`, `PartWriter.add`, `finish` into a fresh cache) vs `vllm.LLM.generate` with the same
@@ -86,6 +86,8 @@ def bench_config(tmp: Path, s: Settings):
             f"cache.path={tmp / 'cache.zarr'}",
             f"cache.k={K}",
             "teacher.kv_cache_gib=1",
+            # vLLM's public prompt log-probs: this benchmark measures that path (the capture: benchmarks.capture).
+            "teacher.capture=public",
             # Prefill chunk: each of its tokens costs a [V] fp32 logits row plus its log-softmax (~1.2 MB).
             "teacher.max_num_batched_tokens=2048",
             # One engine call for the whole shard, as in the bare runs.

@@ -1,4 +1,4 @@
-"""Stage-2 benchmarks (issue 4, item 8), on CPU.
+"""Stage-2 benchmarks, on CPU.
 
 (a) The distillation loss (`stage2_student.losses.topk_distill_loss`: lm_head + logsumexp + gather in row
     chunks, recomputed in backward) vs the naive loss (lm_head over all rows into a full fp32 [R, V] logits

@@ -1,4 +1,4 @@
-"""Does it still teach? (issue 6, item 6): held-out KL after the same training budget, per kind of teacher signal.
+"""Does it still teach? Held-out KL after the same training budget, per kind of teacher signal.
 
 On the demo set-up (bundled sample, tiny teacher and student, configs/demo.yaml), under one output folder
 (runs/teach/ by default, never runs/demo):
@@ -252,12 +252,18 @@ def table_md(r: dict) -> str:
     n_rows = runs[ONLINE][0]["heldout_rows"]
     notes = [
         "",
-        f"{s['steps']} optimizer steps per run (batch 2, seq_len {s['max_tokens']}, lr 1e-4, 3 warmup steps), "
+        f"{s['steps']} optimizer steps per run (batch 2, seq_len {s['max_tokens']}, lr {_demo_lr():g}, 3 warmup steps), "
         f"seeds {', '.join(map(str, s['seeds']))}; mean (min–max over seeds). Held-out: {n_rows:.0f} rows of "
         f"the trajectories data.heldout_fraction={s['heldout_fraction']} selects. "
         f"Total {r['total_s'] / 60:.1f} min.",
     ]
     return "\n".join(lines + notes)
+
+
+def _demo_lr() -> float:
+    from common.config import load_config
+
+    return load_config(DEMO_CONFIG).train.lr
 
 
 def _with_seeds(results: list[dict], r: dict) -> list[dict]:

@@ -1,6 +1,6 @@
 """How top-K log-probs are stored: an `Encoding` maps float32 log-probs to stored codes and back, with a
 stated worst-case error, so that the writer, reader and verifier never depend on one code (they call
-`encode`, `decode` and `bin_halfwidth` / `error_bound`; the row layout around them is `cache_schema.rows`).
+`encode`, `decode` and `bin_halfwidth` / `error_bound`; the row layout around them is `cache_schema.topk_rows`).
 
 Encodings, by the name recorded in the cache's root metadata ('encoding'):
 
@@ -13,14 +13,14 @@ Encodings, by the name recorded in the cache's root metadata ('encoding'):
            covers bins that straddle -4 or grow within themselves), 1 nat below -12.32.
 
 The quantised ('q') encodings store integer codes (0 = log-prob 0, growing as the log-prob falls), so a row
-in rank order has non-decreasing codes: `cache_schema.rows` stores the first code and the differences,
+in rank order has non-decreasing codes: `cache_schema.topk_rows` stores the first code and the differences,
 which are small and non-negative, and entries whose codes tie are stored in ascending order of their
 id-table symbols (their teacher order is below the encoding's resolution).
 
 `stated_bound(x)` is the rounding error each encoding promises (the formulas above); `bin_halfwidth(code)`
 is the exact worst case over every value that lands in a code's bin, so it bounds the truth from the stored
 code alone (this is how verify uses it). Rows stored with their exact mass (the q encodings, and fp16 with
-mass-adaptive K; see cache_schema.layout) are renormalised on read by one shift per row, which moves every
+mass-adaptive K; see cache_schema.format) are renormalised on read by one shift per row, which moves every
 value of the row by at most the largest rounding error in the row; `rows.DecodedRows.error_bound` states
 the total per value:
 
@@ -53,7 +53,7 @@ class Encoding(ABC):
     """Most negative log-prob the encoding represents; the writer refuses smaller values."""
     delta_coded: bool
     """Codes are integers that rank order makes non-decreasing: rows store them (and the ids) as differences
-    along the row, ties in id order (see cache_schema.rows)."""
+    along the row, ties in id order (see cache_schema.topk_rows)."""
 
     @abstractmethod
     def encode(self, logprobs: np.ndarray) -> np.ndarray:

@@ -9,10 +9,11 @@ from typing import Any
 import numpy as np
 import zarr
 
-from cache_schema.layout import (
+from cache_schema.format import (
     DRAW_COUNTS, ID_TABLE, PARTS_GROUP, ROW_OFFSETS, SAMPLE_IDS, TOPK_COUNTS, TOPK_IDS, TOPK_LOGMASS, TOPK_LOGPROBS,
-    PartMeta, part_path,
+    part_path,
 )
+from cache_schema.metadata import PartMeta
 from cache_schema.reader import CacheReader
 from cache_schema.storage import CacheLocation, open_root, part_status
 from common.errors import UserError

@@ -26,7 +26,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
-from cache_schema.layout import LEASE_FILE
+from cache_schema.format import LEASE_FILE
 from cache_schema.storage import CacheLocation
 from common.errors import UserError
 

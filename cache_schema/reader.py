@@ -17,13 +17,14 @@ import numpy as np
 import zarr
 
 from cache_schema.encoding import Encoding, get_encoding
-from cache_schema.layout import (
+from cache_schema.format import (
     CHECKSUMS, ID_TABLE, INPUT_IDS, LOSS_MASK, POSITIONS, PROMPT_IDS, PROMPT_OFFSETS, ROW_OFFSETS, SAMPLE_IDS,
-    TOKEN_OFFSETS, CacheSample, PartMeta, RootMeta, part_arrays, part_path,
+    TOKEN_OFFSETS, CacheSample, part_arrays, part_path,
 )
-from cache_schema.rows import DecodedRows, IdTable, decode_rows
-from cache_schema.sampled import decode_sampled
+from cache_schema.metadata import PartMeta, RootMeta
+from cache_schema.sampled_rows import decode_sampled
 from cache_schema.storage import CacheLocation, PartStatus, open_root, part_status
+from cache_schema.topk_rows import DecodedRows, IdTable, decode_rows
 from common.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,8 @@ class CacheCorrupt(UserError):
 class ChunkLRU:
     """Decoded chunks by (shard, array, chunk index), evicted least recently used beyond max_bytes.
 
-    (Loading a sample's chunks, or decoding its rows, on a few threads was measured and dropped: +30% on
-    a 2-core VM, -15 to -25% per process on a 16-core H100 host.)"""
+    (Loading a sample's chunks, or decoding its rows, on a few threads was measured and dropped: see
+    BENCHMARKS.md, "Codec and chunk choices".)"""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
@@ -115,7 +116,7 @@ class PartReader:
 
     @property
     def checksum_salt(self) -> bytes:
-        """What the part's sample checksums mix in besides the samples' arrays (see layout.sample_checksum)."""
+        """What the part's sample checksums mix in besides the samples' arrays (see format.sample_checksum)."""
         return self.id_table.digest() if self.id_table is not None else b""
 
     def _check_index(self) -> None:

@@ -17,7 +17,8 @@ import zarr
 import zarr.errors
 import zarr.storage
 
-from cache_schema.layout import RootMeta, part_path
+from cache_schema.format import part_path
+from cache_schema.metadata import RootMeta
 from common.errors import UserError
 
 PartStatus = Literal["complete", "incomplete", "missing"]

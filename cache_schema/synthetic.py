@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cache_schema.layout import DatasetMeta, RootMeta, SampleRows, TeacherMeta, TokenizerMeta, stored_positions
+from cache_schema.format import SampleRows, stored_positions
+from cache_schema.metadata import DatasetMeta, RootMeta, TeacherMeta, TokenizerMeta
 
 
 ZIPF_EXPONENTS = (1.5, 5.0)

@@ -35,22 +35,22 @@ Checks, by name:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import zarr
 
 from cache_schema.encoding import get_encoding
 from cache_schema.encoding import Encoding
-from cache_schema.layout import (
-    DRAW_COUNTS, INPUT_IDS, LOSS_MASK, PROB_SUM_TOL, PROMPT_IDS, POSITIONS, TOPK_COUNTS, TOPK_IDS, TOPK_LOGMASS,
-    TOPK_LOGPROBS, RootMeta, describe_rows, part_arrays, row_violations, sample_checksum, stored_positions,
+from cache_schema.format import (
+    DRAW_COUNTS, INPUT_IDS, LOSS_MASK, POSITIONS, PROMPT_IDS, TOPK_COUNTS, TOPK_IDS, TOPK_LOGMASS, TOPK_LOGPROBS,
+    part_arrays, sample_checksum, stored_positions,
 )
-from cache_schema.rows import IdTable, decode_rows
+from cache_schema.metadata import RootMeta
 from cache_schema.reader import DEFAULT_CACHE_BYTES, CacheCorrupt, PartReader, ChunkLRU
+from cache_schema.row_checks import PROB_SUM_TOL, describe_rows, row_violations
 from cache_schema.storage import CacheLocation, open_root, part_status
+from cache_schema.topk_rows import IdTable, decode_rows
 from common.errors import UserError
 
 
@@ -87,27 +87,6 @@ class VerifyReport:
         verdict = "OK" if self.ok else f"{len(self.problems)} problem(s)"
         return (f"cache {self.path}: {self.parts_complete}/{self.parts_total} parts complete, {self.samples} samples, "
                 f"{self.rows} rows checked: {verdict}")
-
-
-def load_manifest_ids(path: str | Path) -> dict[int, list[str]]:
-    """Sample ids by shard from a JSONL manifest (one object per line with 'shard' and 'sample_id' or 'id')."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"manifest {p}: not found")
-    ids: dict[int, list[str]] = {}
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"manifest {p} line {n}: not JSON ({e.msg})") from None
-        sid = row.get("sample_id", row.get("id")) if isinstance(row, dict) else None
-        shard = row.get("shard") if isinstance(row, dict) else None
-        if not isinstance(sid, str) or not isinstance(shard, int) or isinstance(shard, bool):
-            raise UserError(f"manifest {p} line {n}: needs a string 'sample_id' (or 'id') and an integer 'shard'")
-        ids.setdefault(shard, []).append(sid)
-    return ids
 
 
 def check_sample(arrays: dict[str, np.ndarray], sample_id: str, stored_checksum: int, meta: RootMeta,

@@ -10,7 +10,7 @@
 Memory stays bounded: appended arrays are buffered a few chunks at a time and written as whole chunks;
 only the per-sample index (ids, offsets, checksums: ~40 bytes a sample) is kept until the end. With the
 quantised encodings the first ID_TABLE_ROWS rows are also held back until their ids have made the part's
-id table (cache_schema.rows.IdTable), which all of the part's rows are encoded against.
+id table (cache_schema.topk_rows.IdTable), which all of the part's rows are encoded against.
 """
 
 from __future__ import annotations
@@ -26,22 +26,24 @@ import numpy as np
 import zarr
 
 from cache_schema.encoding import Encoding, get_encoding
-from cache_schema.layout import (
+from cache_schema.format import (
     CHECKSUMS, DEFAULT_CHUNK_BYTES, DRAW_COUNTS, ENTRY_OFFSETS, ID_TABLE, INPUT_IDS, LEASE_FILE, LOSS_MASK,
     PARTS_GROUP, POSITIONS, PROMPT_IDS, PROMPT_OFFSETS, ROW_OFFSETS, SAMPLE_IDS, TOKEN_OFFSETS, TOPK_COUNTS, TOPK_IDS,
-    TOPK_LOGPROBS, PartMeta, RootMeta, SampleRows, check_teacher_rows, config_hash, part_arrays, part_path,
-    sample_checksum, stored_positions,
+    TOPK_LOGPROBS, SampleRows, part_arrays, part_path, sample_checksum, stored_positions,
 )
 from cache_schema.lease import LEASE_TTL_S, PartLease
-from cache_schema.rows import IdTable, encode_rows
-from cache_schema.sampled import count_draws
+from cache_schema.metadata import PartMeta, RootMeta
+from cache_schema.row_checks import check_teacher_rows
+from cache_schema.sampled_rows import count_draws
 from cache_schema.storage import CacheLocation, PartStatus, open_root, part_status
+from cache_schema.topk_rows import IdTable, encode_rows
+from common.config import config_hash
 from common.errors import UserError
 
 # Whole chunks written per flush of a buffer: several at once lets Zarr compress them on parallel threads.
 CHUNKS_PER_FLUSH = 4
 # Rows whose top-K ids make a part's id table (quantised encodings): 16 MiB held back at K=128. Ids first
-# seen later are stored escaped (rows.IdTable), which costs a few bytes each.
+# seen later are stored escaped (topk_rows.IdTable), which costs a few bytes each.
 ID_TABLE_ROWS = 16384
 # SampleRows' field of a sampled row's draws, and its key among a validated sample's arrays until encoded.
 _DRAWS = "draws"
@@ -76,14 +78,19 @@ class CacheStore:
                     raise UserError(f"cache {location.path}: exists and is not a cache; use a new path") from None
                 raise  # a cache of another schema version, or malformed metadata
             group, stored = cls._create(location, root)
-        diffs = stored.mismatches(root)
-        if diffs:
-            name, have, want = diffs[0]
-            raise UserError(
-                f"cache {location.path}: {name} is {have!r} in the cache but {want!r} in this run; "
-                "use a new cache path or the cache's settings"
-            )
+        stored.require_same(root, location.path)
         return cls(location, group, stored, root)
+
+    @staticmethod
+    def existing_meta(path: str, *, storage_options: dict | None = None) -> RootMeta | None:
+        """The stored metadata of the cache at `path`, None when nothing is there yet; UserError when what is
+        there is not a cache this code reads. Lets a run compare its settings before it starts any work."""
+        location = CacheLocation(path, storage_options)
+        if not location.list_names(""):
+            return None
+        if not location.exists("zarr.json"):
+            raise UserError(f"cache {location.path}: exists and is not a cache; use a new path")
+        return open_root(location)[1]
 
     @staticmethod
     def _create(location: CacheLocation, root: RootMeta) -> tuple[zarr.Group, RootMeta]:

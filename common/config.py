@@ -3,16 +3,21 @@
 Every field carries a one-line docstring (the string literal after it) that `hyperdistill config --help`
 style tooling can show; `load_config` validates the whole tree and every run writes the resolved
 config next to its output (`save_resolved`).
+
+Every numeric field's range is declared in its section's `RANGES` (">= 1", "> 0", or an interval such as
+"[0, 1)"; None, where a field allows it, is always accepted) and checked on load, one line naming the field.
+A numeric field without a declared range fails tests/test_configs.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -21,12 +26,18 @@ from common.errors import UserError
 
 @dataclass
 class DataConfig:
+    RANGES: ClassVar[dict[str, str]] = {
+        "min_tokens": ">= 0", "max_tokens": ">= 1", "max_prompt_tokens": ">= 1", "num_shards": ">= 1",
+        "heldout_fraction": "[0, 1)",
+    }  # allowed values of the numeric fields, checked on load
     source: str = "sample"
-    """'sample' (bundled data/), a local .jsonl/.json/.parquet file or folder, or 'hf://OWNER/NAME' (a hub dataset)."""
+    """'sample' (bundled data/), a local .jsonl/.json/.parquet file, a folder of them or of SWE-agent .traj files, or 'hf://OWNER/NAME' (a hub dataset, streamed)."""
     split: str = "train"
     """Split to read when the source is a hub dataset."""
-    resolved_only: bool = True
-    """Keep only trajectories whose task was resolved."""
+    resolved_only: bool | Literal["auto"] = "auto"
+    """Keep only resolved trajectories: true, false, or 'auto' (filter rows that carry a resolution, keep those that carry none)."""
+    results_file: str | None = None
+    """SWE-bench evaluation report (JSON with 'resolved_ids') giving .traj sources their resolution; without it they have none."""
     min_tokens: int = 0
     """Drop rendered trajectories shorter than this many tokens."""
     max_tokens: int = 8192
@@ -47,12 +58,19 @@ class DataConfig:
 
 @dataclass
 class TeacherConfig:
+    RANGES: ClassVar[dict[str, str]] = {
+        "tensor_parallel_size": ">= 1", "num_engines": ">= 1", "max_model_len": ">= 2",
+        "gpu_memory_utilization": "(0, 1]", "kv_cache_gib": "> 0", "max_num_batched_tokens": ">= 1",
+        "batch_tokens": ">= 1", "chunk_rows": ">= 1", "data_parallel_size": ">= 1",
+    }  # allowed values of the numeric fields, checked on load
     model: str = "tiny-teacher"
     """'tiny-teacher' (built locally) or a hub id / local path of a causal LM."""
     revision: str | None = None
     """Hub revision (commit or tag) to pin."""
     backend: Literal["vllm", "hf"] = "vllm"
     """'vllm' (production) or 'hf' (plain transformers forward, the reference)."""
+    capture: Literal["engine", "public"] = "engine"
+    """vllm: compute the rows inside vLLM's workers (exact sampled rows) or read its public prompt log-probs."""
     dtype: str = "bfloat16"
     """Weight/compute dtype of the teacher engine."""
     quantization: str | None = None
@@ -63,6 +81,8 @@ class TeacherConfig:
     """Shard MoE experts across the engine's GPUs instead of tensor-splitting them."""
     num_engines: int = 1
     """Engines run side by side on one node (one per GPU group); shards are handed out dynamically."""
+    data_parallel_size: int = 1
+    """vLLM data parallel ranks (one engine per rank, stepping together; with enable_expert_parallel: DP+EP)."""
     max_model_len: int = 8192
     """Longest sequence the engine accepts; longer trajectories follow data.overlong."""
     gpu_memory_utilization: float = 0.5
@@ -75,10 +95,12 @@ class TeacherConfig:
     """Tokens submitted to the engine per call (several samples)."""
     enforce_eager: bool = True
     """Skip graph capture / compilation (recommended on CPU)."""
+    batch_invariant: bool = False
+    """vLLM's batch-invariant mode (VLLM_BATCH_INVARIANT=1): rows bitwise independent of batching; GPU only."""
     trust_remote_code: bool = False
     """Allow model repos to run their own Python code. Off unless a model needs it."""
     chunk_rows: int = 256
-    """hf backend: rows per lm_head + logsumexp + top-K chunk."""
+    """hf backend and vLLM engine capture: rows per lm_head + logsumexp + top-K chunk."""
 
 
 @dataclass
@@ -95,6 +117,9 @@ class StudentConfig:
 
 @dataclass
 class CacheConfig:
+    RANGES: ClassVar[dict[str, str]] = {
+        "k": ">= 1", "mass_epsilon": "(0, 1)", "draws": "[1, 1024]", "sample_seed": ">= 0",
+    }  # allowed values of the numeric fields, checked on load
     path: str = "runs/demo/cache.zarr"
     """Where the Zarr store lives: a local path or an fsspec URL (s3://, gs://)."""
     k: int = 128
@@ -106,7 +131,7 @@ class CacheConfig:
     mass_epsilon: float | None = None
     """Mass-adaptive K: keep per row the fewest top entries covering 1 - epsilon of the probability (<= k)."""
     rows: Literal["topk", "sampled"] = "topk"
-    """Rows hold the teacher's top-K, or N draws from its distribution (RS-KD; unbiased with teacher.backend=hf)."""
+    """Rows hold the teacher's top-K, or N draws from its distribution (RS-KD; unbiased except with capture=public)."""
     draws: int = 64
     """Sampled rows: draws N per row, at most 1024 (the row width stage 2 sees)."""
     sample_seed: int = 0
@@ -115,6 +140,10 @@ class CacheConfig:
 
 @dataclass
 class HyperConfig:
+    RANGES: ClassVar[dict[str, str]] = {
+        "rank": ">= 1", "alpha": "> 0", "encoder_dim": ">= 1", "encoder_layers": ">= 1", "encoder_heads": ">= 1",
+        "generator_dim": ">= 1", "head_chunk": ">= 1",
+    }  # allowed values of the numeric fields, checked on load
     targets: list[str] = field(
         default_factory=lambda: [
             r"self_attn\.(q_proj|k_proj|v_proj|o_proj)$",
@@ -142,6 +171,9 @@ class HyperConfig:
 
 @dataclass
 class PhaseConfig:
+    RANGES: ClassVar[dict[str, str]] = {
+        "samples": ">= 1", "epochs": "> 0", "seq_len": ">= 2", "lr": "> 0",
+    }  # allowed values of the numeric fields, checked on load
     name: str = "main"
     """Phase name, shown in logs."""
     samples: int | None = None
@@ -156,6 +188,12 @@ class PhaseConfig:
 
 @dataclass
 class TrainConfig:
+    RANGES: ClassVar[dict[str, str]] = {
+        "batch_size": ">= 1", "grad_accum": ">= 1", "lr": "> 0", "weight_decay": ">= 0", "warmup_steps": ">= 0",
+        "min_lr_ratio": "[0, 1]", "grad_clip": "> 0", "temperature": "> 0", "loss_chunk": ">= 1",
+        "checkpoint_every": ">= 1", "eval_every": ">= 1", "log_every": ">= 1", "seed": ">= 0", "num_workers": ">= 0",
+        "max_steps": ">= 1", "shard_size": ">= 1",
+    }  # allowed values of the numeric fields, checked on load
     output_dir: str = "runs/demo/student"
     """Checkpoints, TensorBoard logs and the resolved config go here."""
     phases: list[PhaseConfig] = field(default_factory=lambda: [PhaseConfig()])
@@ -238,6 +276,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        for alternative in inner[1:]:  # e.g. bool | Literal['auto']: the first type that takes the value
+            try:
+                return _coerce(value, alternative, where)
+            except UserError:
+                pass
         return _coerce(value, inner[0], where)
     if origin is Literal:
         if value not in args:
@@ -314,31 +357,68 @@ def config_from_dict(raw: dict) -> RunConfig:
     return cfg
 
 
+def numeric_fields(cls: type) -> list[str]:
+    """Names of a config section's int and float fields (optional ones included, bools not)."""
+    hints = typing.get_type_hints(cls)
+    numeric = []
+    for f in dataclasses.fields(cls):
+        types = [t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None)]
+        if types and all(t in (int, float) for t in types):
+            numeric.append(f.name)
+    return numeric
+
+
+def in_range(value: float, spec: str) -> bool:
+    """Whether `value` lies in a RANGES spec: ">= a", "> a", or an interval "[a, b]" / "(a, b)" / mixed."""
+    spec = spec.strip()
+    if spec[:1] in "([" and spec[-1:] in ")]":
+        lo, hi = (float(x) for x in spec[1:-1].split(","))
+        return (lo <= value if spec[0] == "[" else lo < value) and (value <= hi if spec[-1] == "]" else value < hi)
+    op, bound = spec.split()
+    if op not in (">=", ">"):
+        raise ValueError(f"range spec {spec!r}: expected '>= a', '> a' or an interval")
+    return value >= float(bound) if op == ">=" else value > float(bound)
+
+
+def check_ranges(node: Any, where: str = "") -> None:
+    """Every numeric field of the config tree under `node` within its section's RANGES (UserError naming it)."""
+    for name in numeric_fields(type(node)):
+        value, spec = getattr(node, name), getattr(type(node), "RANGES", {}).get(name)
+        path = f"{where}.{name}" if where else name
+        if value is None or spec is None:  # an undeclared range fails the tests, not the run
+            continue
+        if not math.isfinite(value) or not in_range(value, spec):
+            allowed = f"in {spec}" if spec[0] in "([" else spec
+            raise UserError(f"config field '{path}': {value!r} is out of range: must be {allowed}")
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        path = f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, path)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    check_ranges(item, f"{path}[{i}]")
+
+
 def validate(cfg: RunConfig) -> None:
-    """Cross-field checks; raise UserError naming the field."""
+    """Every numeric field's range (`check_ranges`), then cross-field checks; raise UserError naming the field."""
+    check_ranges(cfg)
     checks = [
-        (cfg.cache.k >= 1, "cache.k must be >= 1"),
-        (1 <= cfg.cache.draws <= 1024, "cache.draws must be in [1, 1024] (stage 2 reads [rows, draws] per sample and "
-         "pads short rows with the vocabulary's top ids)"),
-        (cfg.cache.sample_seed >= 0, "cache.sample_seed must be >= 0"),
         (cfg.cache.rows != "sampled" or cfg.cache.mass_epsilon is None,
          "cache.rows=sampled and cache.mass_epsilon do not combine (sampled rows keep every drawn id)"),
         (cfg.cache.rows != "sampled" or cfg.cache.encoding == "fp16",
          "cache.encoding does not apply to sampled rows (they store draw counts): leave it at fp16"),
-        (cfg.data.num_shards >= 1, "data.num_shards must be >= 1"),
-        (0.0 <= cfg.data.heldout_fraction < 1.0, "data.heldout_fraction must be in [0, 1)"),
         (cfg.data.max_tokens > cfg.data.min_tokens, "data.max_tokens must exceed data.min_tokens"),
         (
             cfg.data.max_tokens <= cfg.teacher.max_model_len,
             "data.max_tokens exceeds teacher.max_model_len: the engine would refuse those trajectories",
         ),
-        (cfg.teacher.tensor_parallel_size >= 1, "teacher.tensor_parallel_size must be >= 1"),
-        (cfg.teacher.num_engines >= 1, "teacher.num_engines must be >= 1"),
-        (0.0 < cfg.teacher.gpu_memory_utilization <= 1.0, "teacher.gpu_memory_utilization must be in (0, 1]"),
-        (cfg.hyper.rank >= 1, "hyper.rank must be >= 1"),
+        (cfg.teacher.data_parallel_size == 1 or cfg.teacher.backend == "vllm",
+         "teacher.data_parallel_size > 1 needs teacher.backend=vllm"),
+        (cfg.teacher.data_parallel_size == 1 or cfg.teacher.num_engines == 1,
+         "teacher.data_parallel_size and teacher.num_engines do not combine: DP ranks are the engines"),
         (len(cfg.hyper.targets) >= 1, "hyper.targets must name at least one pattern"),
-        (cfg.train.batch_size >= 1 and cfg.train.grad_accum >= 1, "train.batch_size and grad_accum must be >= 1"),
-        (cfg.train.temperature > 0, "train.temperature must be > 0"),
         (len(cfg.train.phases) >= 1, "train.phases must list at least one phase"),
         (
             not cfg.train.online_teacher or cfg.train.loss == "forward_tail",
@@ -355,12 +435,13 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def config_hash(cfg: Any) -> str:
-    """Of a config, or of the dict `to_dict` made of one (e.g. as saved, before fields were added since)."""
+def config_hash(cfg: RunConfig | dict) -> str:
+    """Short stable hash of a resolved run config, or of its `to_dict` form (key order does not matter).
+    Checkpoints and cache parts record it: its output must never change."""
     import hashlib
 
-    raw = cfg if isinstance(cfg, dict) else to_dict(cfg)
-    return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
+    d = cfg if isinstance(cfg, dict) else to_dict(cfg)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def save_resolved(cfg: RunConfig, directory: str | Path) -> Path:

@@ -1,5 +1,6 @@
 """Model configs without weights: the tiny models' recipes, a local folder, the Hugging Face cache, or
-built-in transcriptions of the published config.json files (shared/FACTS.md) when nothing is local, so
+built-in transcriptions of the config.json files published in the models' Hugging Face repositories
+(Qwen/Qwen3-Coder-480B-A35B-Instruct, Qwen/Qwen3-Coder-Next) when nothing is local, so
 that `plan`, `param-count` and `preflight` work offline for the real models."""
 
 from __future__ import annotations
@@ -33,17 +34,17 @@ PUBLISHED_MODELS = {
     "Qwen/Qwen3-Coder-480B-A35B-Instruct-FP8": _qwen3_coder_480b,
     "Qwen/Qwen3-Coder-Next": _qwen3_coder_next,
 }
-"""Built-in transcriptions of published config.json files (shared/FACTS.md), used when none is local."""
+"""Built-in transcriptions of the config.json files in these Hugging Face repositories, used when none is local."""
 
 
 def model_config(name: str, revision: str | None, trust_remote_code: bool):
     """(transformers config, where it came from)."""
     from transformers import AutoConfig
 
-    from common.tiny_models import TINY_NAMES, student_config, teacher_config
+    from common.tiny_models import _CONFIGS
 
-    if name in TINY_NAMES:
-        return {"tiny-teacher": teacher_config, "tiny-student": student_config}[name](), "the tiny model's recipe"
+    if name in _CONFIGS:
+        return _CONFIGS[name](), "the tiny model's recipe"
     local = Path(name)
     if (local / "config.json").is_file():
         return AutoConfig.from_pretrained(local, trust_remote_code=trust_remote_code), f"{local / 'config.json'}"

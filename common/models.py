@@ -64,14 +64,14 @@ def resolve_model(name: str, revision: str | None = None) -> str:
     (absolute); 'OWNER/NAME' -> returned unchanged (the caller passes `revision` to the loader). A revision
     for a local model is refused: it would silently mean nothing.
     """
-    if name in tiny_models.TINY_NAMES:
+    if name in tiny_models.TINY_NAMES or name in tiny_models.LAZY_NAMES:
         path = _build_tiny(name, force=False)
     elif Path(name).expanduser().exists():
         path = Path(name).expanduser().resolve()
     elif _HUB_ID.fullmatch(name):
         return name
     else:
-        tiny = ", ".join(tiny_models.TINY_NAMES)
+        tiny = ", ".join(tiny_models.TINY_NAMES + tiny_models.LAZY_NAMES)
         raise UserError(f"model '{name}': no such local path, and not a hub id (OWNER/NAME) or one of {tiny}")
     if revision is not None:
         raise UserError(f"model '{name}': revision '{revision}' given, but the model is local ({path})")

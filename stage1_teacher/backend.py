@@ -7,11 +7,14 @@ order (best first). A backend returns exactly the rows asked for, in the order a
 Sampled rows (cache.rows=sampled): the caller also passes uniforms, [R_i, N] per sequence
 (stage1_teacher.sampling.sample_uniforms), and every returned TopK then carries `draws` [R, N]: N tokens
 drawn by inverse CDF from row r's distribution with those uniforms. The HF backend's draws are exact samples
-from the full distribution; vLLM's prompt log-probs give only the top-K, so its draws beyond the top-K's
-mass stay -1 (sampling.TAIL_DRAW) and are stored as tail draws. Both draw the same token wherever vLLM's
-draw is not -1 (up to float rounding at CDF edges).
+from the full distribution, and so are vLLM's with `teacher.capture: engine` (the worker resolves them the same
+way); vLLM's public prompt log-probs (`capture: public`) give only the top-K, so those draws beyond the top-K's
+mass stay -1 (sampling.TAIL_DRAW) and are stored as tail draws. All draw the same token wherever a draw is
+not -1 (up to float rounding at CDF edges).
 
-Backends: `vllm` (production; `stage1_teacher.vllm_backend`) and `hf` (plain transformers forward, the
+Backends: `vllm` (production): `capture: engine` computes the rows inside vLLM's workers
+(`stage1_teacher.capture_backend`), `capture: public` reads vLLM's public prompt log-probs
+(`stage1_teacher.vllm_backend`, the reference for the capture); and `hf` (plain transformers forward, the
 reference; `stage1_teacher.hf_backend`). `make_backend` picks one from the teacher config; the heavy
 imports happen there, so importing this module stays cheap.
 """
@@ -118,6 +121,10 @@ def make_backend(teacher_cfg: TeacherConfig, model_path: str, k: int) -> Teacher
     """The backend named by teacher_cfg.backend, loaded from model_path (a local folder or hub id)."""
     if k < 1:
         raise ValueError(f"make_backend(): k must be >= 1, got {k}")
+    if teacher_cfg.backend == "vllm" and teacher_cfg.capture == "engine":
+        from stage1_teacher.capture_backend import CaptureBackend
+
+        return CaptureBackend(teacher_cfg, model_path, k)
     if teacher_cfg.backend == "vllm":
         from stage1_teacher.vllm_backend import VllmBackend
 

@@ -27,22 +27,24 @@ def resolve_tail_draws(logits: torch.Tensor, top_ids: np.ndarray, top_logprobs: 
     """Replace every TAIL_DRAW in draws [c, N] (made by draws_from_topk from top_ids / top_logprobs [c, K] and
     uniforms [c, N]) by an exact draw from the rest of the vocabulary: the conditional draw among the ids
     outside the row's top-K with u' = (u - top-K mass) / tail mass, by inverse CDF over those ids in id
-    order, in float64. logits: [c, V] float32 of the same rows. Returns draws (changed in place)."""
+    order, in float64. logits: [c, V] float32 of the same rows, on any device (the HF backend's CPU, or a
+    vLLM worker's GPU for the engine capture: the [b, V] work stays there, only [b, N] picks come back).
+    Returns draws (changed in place)."""
     need = np.flatnonzero((draws == TAIL_DRAW).any(axis=1))
+    dev = logits.device
     for a in range(0, len(need), TAIL_BLOCK_ROWS):
         rows = need[a : a + TAIL_BLOCK_ROWS]
-        idx = torch.from_numpy(rows)
-        x = logits[idx].double()  # [b, V]
+        x = logits[torch.from_numpy(rows).to(dev)].double()  # [b, V]
         p = torch.exp(x - torch.logsumexp(x, dim=-1, keepdim=True))
-        p.scatter_(1, torch.from_numpy(top_ids[rows].astype(np.int64)), 0.0)  # the rest of the vocabulary
+        p.scatter_(1, torch.from_numpy(top_ids[rows].astype(np.int64)).to(dev), 0.0)  # the rest of the vocabulary
         cdf = torch.cumsum(p, dim=-1)  # [b, V], id order
-        tail = cdf[:, -1:].numpy()  # [b, 1]
+        tail = cdf[:, -1:].cpu().numpy()  # [b, 1]
         # The top-K mass exactly as draws_from_topk summed it, so that u splits at the same point.
         top_mass = np.cumsum(np.exp(top_logprobs[rows].astype(np.float64)), axis=1)[:, -1:]
         u = np.clip((uniforms[rows] - top_mass) / np.maximum(1.0 - top_mass, 1e-300), 0.0, np.nextafter(1.0, 0.0))
         # The first id whose CDF exceeds u' * tail: it has mass (so it is not a top-K id), unless rounding put
         # u' * tail at the CDF's end (index V): then the last id that has mass.
-        picked = torch.searchsorted(cdf, torch.from_numpy(u * tail), right=True).numpy()  # [b, N]
+        picked = torch.searchsorted(cdf, torch.from_numpy(u * tail).to(dev), right=True).cpu().numpy()  # [b, N]
         for r, c in zip(*np.nonzero(picked >= p.shape[1])):
             rest = torch.nonzero(p[r] > 0)
             # Nothing outside the top-K has mass (K = the vocabulary): u passed the top-K's summed mass only by

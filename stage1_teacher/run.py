@@ -4,8 +4,11 @@ The work is cut into shards (a stable hash of the trajectory id). Each shard is 
 resumable job that fills exactly one cache part:
     hyperdistill teacher-cache --shard 17 --num-shards 512     # one job, any scheduler (Slurm array)
     hyperdistill teacher-cache                                  # every shard, num_engines local workers
+With teacher.data_parallel_size D > 1 the local workers are vLLM's D data-parallel ranks (DP+EP for MoE
+teachers with enable_expert_parallel): they take shards from one queue and step together until all are done.
 A complete part is skipped; an incomplete one (a killed job) is rewritten from scratch; a part leased
-by another live process is left to it (a double launch corrupts nothing).
+by another live process is left to it (a double launch corrupts nothing). An existing cache made with other
+settings (K, encoding, teacher, tokenizer, ...) is refused before the engine starts.
 
 With cache.rows=sampled, each sample's uniforms come from (cache.sample_seed, its id) and the parts hold
 N draws per row from the teacher's distribution instead of its top-K (stage1_teacher.sampling).
@@ -23,11 +26,10 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from cache_schema import CacheReader, CacheStore, PartBusy, RootMeta, SampleRows, stored_positions
-from cache_schema.layout import check_teacher_rows
+from cache_schema import CacheReader, CacheStore, PartBusy, RootMeta, SampleRows, check_teacher_rows
 from common.config import RunConfig, config_hash, to_dict
 from common.errors import UserError
-from common.manifest import dataset_fingerprint, load_shard_samples
+from common.manifest import check_rendered, dataset_fingerprint, load_shard_samples
 from common.models import load_tokenizer, resolve_model
 from common.tokenizer import chat_template_fingerprint, tokenizer_fingerprint
 from stage1_teacher.backend import make_backend
@@ -102,12 +104,12 @@ def root_meta(cfg: RunConfig, tokenizer, engine_version: str) -> RootMeta:
 
 
 def _sampling_meta(cfg: RunConfig) -> dict | None:
-    """SamplingMeta of a sampled cache: the HF backend resolves every draw (support 'full'); vLLM's draws
-    beyond its top-K stay tail draws (support 'top-K')."""
+    """SamplingMeta of a sampled cache: the HF backend and vLLM's engine capture resolve every draw (support
+    'full'); with vLLM's public prompt log-probs the draws beyond its top-K stay tail draws (support 'top-K')."""
     if cfg.cache.rows != "sampled":
         return None
-    return {"draws": cfg.cache.draws, "seed": cfg.cache.sample_seed,
-            "support_k": None if cfg.teacher.backend == "hf" else cfg.cache.k}
+    exact = cfg.teacher.backend == "hf" or cfg.teacher.capture == "engine"
+    return {"draws": cfg.cache.draws, "seed": cfg.cache.sample_seed, "support_k": None if exact else cfg.cache.k}
 
 
 def _vocab_rows(cfg: RunConfig) -> int:
@@ -146,7 +148,7 @@ def run_shard(cfg: RunConfig, shard: int, store: CacheStore, backend, tokenizer,
         total=n_tokens, unit="tok", unit_scale=True, desc=f"shard {shard:05d}", dynamic_ncols=True, mininterval=1.0
     ) as bar:
         for batch in token_batches(samples, cfg.teacher.batch_tokens):
-            positions = [stored_positions(s.loss_mask, cfg.cache.positions) for s in batch]
+            positions = [s.positions for s in batch]
             request = ([s.input_ids for s in batch], positions)
             if sampled:
                 request += ([sample_uniforms(cfg.cache.sample_seed, s.sample_id, len(pos), cfg.cache.draws)
@@ -195,11 +197,17 @@ def _owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def run_shards(cfg: RunConfig, shards: list[int], queue=None) -> JobSummary:
-    """One worker: one engine, then shards from the list (or from a shared queue) until none is left."""
+def run_shards(cfg: RunConfig, shards: list[int], queue=None, peers=None) -> JobSummary:
+    """One worker: one engine, then shards from the list (or from a shared queue) until none is left.
+
+    peers: a Barrier of the data-parallel ranks. A rank whose shards are done keeps its engine up until every
+    rank is done: vLLM's DP engine core keeps stepping (dummy batches) while any rank has work, and the
+    ranks' expert-parallel collectives need all of them. A rank that fails breaks the barrier instead, so
+    the others stop rather than wait for it."""
     tokenizer = load_tokenizer(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code)
     summary = JobSummary()
     backend = make_backend(cfg.teacher, resolve_model(cfg.teacher.model, cfg.teacher.revision), cfg.cache.k)
+    ok = False
     try:
         store = CacheStore.create_or_open(cfg.cache.path, root_meta(cfg, tokenizer, backend.engine_version))
         for shard in iter(queue.get, None) if queue is not None else shards:
@@ -208,9 +216,26 @@ def run_shards(cfg: RunConfig, shards: list[int], queue=None) -> JobSummary:
             except PartBusy as busy:
                 log.warning("part_busy shard=%d %s", shard, busy)
                 summary.shards_busy.append(shard)
+        ok = True
     finally:
-        backend.close()
+        try:
+            if peers is not None:
+                peers.wait() if ok else peers.abort()
+        finally:
+            backend.close()
     return summary
+
+
+def check_cache_settings(cfg: RunConfig) -> None:
+    """Refuse, before any engine starts (minutes for the real teacher), a run whose settings differ from the
+    existing cache's: K, encoding, rows kind, positions, vocabulary, shard count, teacher, tokenizer and
+    chat-template fingerprints, data. Whether or not the requested parts are complete: a complete part
+    written with other settings is not this run's result. Nothing to compare while there is no cache."""
+    stored = CacheStore.existing_meta(cfg.cache.path)
+    if stored is not None:
+        tokenizer = load_tokenizer(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code)
+        # engine_version is recorded per part, not compared: the engine need not exist yet.
+        stored.require_same(root_meta(cfg, tokenizer, engine_version=""), cfg.cache.path)
 
 
 def _complete_parts(path: str) -> set[int]:
@@ -221,12 +246,23 @@ def _complete_parts(path: str) -> set[int]:
         return set()
 
 
-def _worker(cfg: RunConfig, index: int, queue, results) -> None:
-    # One engine per GPU group: worker i sees GPUs [i*tp, (i+1)*tp).
-    tp = cfg.teacher.tensor_parallel_size
-    if os.environ.get("CUDA_VISIBLE_DEVICES") is None and cfg.teacher.num_engines > 1:
+def _worker(cfg: RunConfig, index: int, queue, results, peers=None, dp_port: int | None = None) -> None:
+    tp, dp = cfg.teacher.tensor_parallel_size, cfg.teacher.data_parallel_size
+    if dp > 1:
+        # vLLM's offline data parallel (its examples/offline_inference/data_parallel.py): one LLM per rank,
+        # found through these variables; vLLM gives each rank's engine its own GPUs.
+        os.environ.update(VLLM_DP_RANK=str(index), VLLM_DP_RANK_LOCAL=str(index), VLLM_DP_SIZE=str(dp),
+                          VLLM_DP_MASTER_IP="127.0.0.1", VLLM_DP_MASTER_PORT=str(dp_port))
+    elif os.environ.get("CUDA_VISIBLE_DEVICES") is None and cfg.teacher.num_engines > 1:
+        # One engine per GPU group: worker i sees GPUs [i*tp, (i+1)*tp).
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in range(index * tp, (index + 1) * tp))
-    results.put(run_shards(cfg, [], queue))
+    results.put(run_shards(cfg, [], queue, peers))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def main(cfg: RunConfig, shards: list[int] | None = None, num_shards: int | None = None) -> JobSummary:
@@ -238,22 +274,31 @@ def main(cfg: RunConfig, shards: list[int] | None = None, num_shards: int | None
         raise UserError(f"--shard {bad[0]}: must be in [0, {cfg.data.num_shards})")
     if not os.path.exists(cfg.manifest):
         raise UserError(f"manifest {cfg.manifest}: not found; run `hyperdistill prepare-data` first")
+    # Jobs read the samples prepare-data rendered: refuse another run's before any engine starts.
+    check_rendered(cfg, load_tokenizer(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code))
     t0 = time.perf_counter()
+    check_cache_settings(cfg)
+    dp = cfg.teacher.data_parallel_size
     requested = list(shards) if shards else list(range(cfg.data.num_shards))
     done = _complete_parts(cfg.cache.path)
     shards = [s for s in requested if s not in done]
     if not shards:  # nothing to do: do not start an engine (minutes for the real teacher)
         summary = JobSummary()
-    elif cfg.teacher.num_engines == 1 or len(shards) == 1:
+    elif dp == 1 and (cfg.teacher.num_engines == 1 or len(shards) == 1):
         summary = run_shards(cfg, shards)
-    else:
+    else:  # several engines, or DP ranks (which all start, even with fewer shards than ranks: they step together)
+        if dp > 1 and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+            raise UserError("teacher.data_parallel_size > 1 needs vLLM's engine processes: unset "
+                            "VLLM_ENABLE_V1_MULTIPROCESSING=0")
+        n_workers = max(dp, cfg.teacher.num_engines)
         ctx = mp.get_context("spawn")
         queue, results = ctx.Queue(), ctx.Queue()
         for s in shards:
             queue.put(s)
-        for _ in range(cfg.teacher.num_engines):
+        for _ in range(n_workers):
             queue.put(None)
-        workers = [ctx.Process(target=_worker, args=(cfg, i, queue, results)) for i in range(cfg.teacher.num_engines)]
+        dp_args = (ctx.Barrier(dp), _free_port()) if dp > 1 else ()
+        workers = [ctx.Process(target=_worker, args=(cfg, i, queue, results, *dp_args)) for i in range(n_workers)]
         for w in workers:
             w.start()
         summary = JobSummary()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import array
 import operator
+import os
 
 import numpy as np
 
@@ -66,10 +67,29 @@ def engine_kwargs(cfg: TeacherConfig, model_path: str, k: int) -> dict:
     return kwargs
 
 
+def set_engine_env(cfg: TeacherConfig) -> None:
+    """Environment the engine reads at start-up (its processes inherit it); call before `vllm.LLM`.
+
+    teacher.batch_invariant sets VLLM_BATCH_INVARIANT=1: vLLM 0.32 then swaps in batch-invariant kernels
+    (matmul, softmax, reductions, attention split settings) so that a row does not depend on what it is
+    batched with. Those kernels are CUDA/ROCm/XPU ones: on CPU the engine fails at start-up ("No Unquantized
+    MoE backend supports the deployment configuration"), so it is refused here in one line instead."""
+    if not cfg.batch_invariant:
+        return
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from common.errors import UserError
+
+        raise UserError("teacher.batch_invariant: vLLM's batch-invariant mode has no CPU kernels (its CPU MoE "
+                        "backend refuses it); leave it off on CPU")
+    os.environ["VLLM_BATCH_INVARIANT"] = "1"
+
+
 def flat_to_topk(flat, positions: np.ndarray, k: int) -> TopK:
     """Rows `positions` (ascending) of one request's FlatLogprobs as rank-ordered [R, K] arrays (layout:
     module doc). Only the requested rows' entries are converted: with positions='assistant' most rows are
-    skipped, and the conversion, not the model, dominated this step (shared/FACTS.md)."""
+    skipped, and the conversion, not the model, dominated this step (BENCHMARKS.md, stage 1)."""
     if len(positions) == 0:
         return empty_topk(k)
     pos = np.asarray(positions, dtype=np.int64)
@@ -102,14 +122,19 @@ def flat_to_topk(flat, positions: np.ndarray, k: int) -> TopK:
 
 
 class VllmBackend:
-    def __init__(self, cfg: TeacherConfig, model_path: str, k: int):
+    def __init__(self, cfg: TeacherConfig, model_path: str, k: int, llm=None):
+        """llm: score on this running `vllm.LLM` (made for the same cfg and k) instead of starting one; close()
+        then stops it too (the capture benchmark runs both paths on one engine)."""
         import vllm
         from vllm import SamplingParams
 
         self.k = k
         self.engine_version = f"vllm=={vllm.__version__}"
         self.max_model_len = cfg.max_model_len
-        self._llm = vllm.LLM(**engine_kwargs(cfg, model_path, k))
+        if llm is None:
+            set_engine_env(cfg)
+            llm = vllm.LLM(**engine_kwargs(cfg, model_path, k))
+        self._llm = llm
         self.vocab_size = self._llm.llm_engine.model_config.get_vocab_size()
         self._params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True)
 
@@ -137,5 +162,10 @@ class VllmBackend:
     def close(self) -> None:
         """Stop the engine core and worker processes and free the KV cache."""
         if self._llm is not None:
-            self._llm.llm_engine.engine_core.shutdown()
+            shutdown_engine(self._llm)
             self._llm = None
+
+
+def shutdown_engine(llm) -> None:
+    """Stop a `vllm.LLM`'s engine core and worker processes and free its KV cache."""
+    llm.llm_engine.engine_core.shutdown()

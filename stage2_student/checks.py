@@ -116,7 +116,7 @@ def check_before_launch(cfg: RunConfig, world_size: int) -> None:
     suits them), the output folder, a resident teacher's vocabulary, and that at least one step fits."""
     from cache_schema import CacheReader
     from common.models import load_tokenizer
-    from stage2_student.data import plan_phases, split_indices
+    from stage2_student.data import manifest_split, plan_phases
 
     if world_size < 1:
         raise UserError(f"--nproc must be >= 1, got {world_size}")
@@ -127,5 +127,5 @@ def check_before_launch(cfg: RunConfig, world_size: int) -> None:
     check_cache(reader, cfg, load_tokenizer(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code))
     check_output_dir(cfg)
     check_teacher_vocab(cfg)
-    train_idx, _ = split_indices(reader.sample_ids, cfg.data.heldout_fraction)
+    train_idx, _ = manifest_split(reader, cfg.manifest)
     plan_phases(cfg, train_idx, 0, world_size)

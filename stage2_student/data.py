@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cache_schema.manifest import dataset_fingerprint, heldout_ids
 from common.errors import UserError
-from common.sharding import is_heldout
 
 
 @dataclass
@@ -39,11 +39,19 @@ class Batch:
         return Batch(**moved)
 
 
-def split_indices(sample_ids: list[str], heldout_fraction: float) -> tuple[list[int], list[int]]:
-    """(train, heldout) cache indices by a stable hash of the sample id (same split on every rank)."""
+def manifest_split(reader, manifest: str) -> tuple[list[int], list[int]]:
+    """(train, heldout) cache indices as prepare-data's manifest marks them (the same on every rank). The
+    manifest must be the one the cache was built from (its fingerprint is in the cache's root metadata)."""
+    built_from, here = reader.meta.dataset.fingerprint, dataset_fingerprint(manifest)
+    if built_from != here:
+        raise UserError(f"manifest {manifest}: {here} is not the manifest cache {reader.path} was built from "
+                        f"({built_from}); point `manifest` at that run's manifest")
+    held = heldout_ids(manifest)
     train, heldout = [], []
-    for i, sid in enumerate(sample_ids):
-        (heldout if is_heldout(sid, heldout_fraction) else train).append(i)
+    for i, sid in enumerate(reader.sample_ids):
+        if sid not in held:
+            raise UserError(f"cache {reader.path}: sample {sid!r} is not in manifest {manifest}")
+        (heldout if held[sid] else train).append(i)
     return train, heldout
 
 

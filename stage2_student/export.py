@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -342,46 +341,3 @@ def export_lora(
         _write_adapter(folder, lora, cfg, base_model, info)
         folders.append(folder)
     return folders
-
-
-# ---------------------------------------------------------------------------------------------
-# The command line
-
-
-def _make_command():
-    import click
-
-    @click.command("export-lora")
-    @click.option("--checkpoint", "checkpoint", required=True, type=click.Path(exists=True),
-                  help="A checkpoint step folder, or a run's train.output_dir (its newest checkpoint).")
-    @click.option("--prompt", "prompt", default=None, metavar="FILE|TEXT",
-                  help="The task prompt: a file to read, or the text itself (none for a static run).")
-    @click.option("--prompts-jsonl", "prompts_jsonl", default=None, type=click.Path(dir_okay=False),
-                  help='Batch mode: a JSONL of {"name": ..., "prompt": ...}; one adapter folder per line.')
-    @click.option("--out", "out", required=True, type=click.Path(file_okay=False),
-                  help="The adapter folder (with --prompt), or the folder that receives one per name (batch).")
-    @click.option("--servable-only", is_flag=True,
-                  help="Keep only the target modules vLLM can serve LoRA on for this student.")
-    def export_lora_cmd(checkpoint, prompt, prompts_jsonl, out, servable_only):  # fmt: skip
-        """Run the trained hypernetwork on task prompts and write standard PEFT LoRA adapters."""
-        try:
-            if prompt is not None and prompts_jsonl is not None:
-                raise UserError("export-lora: give exactly one of --prompt and --prompts-jsonl")
-            if prompts_jsonl is None:
-                target = Path(out)  # the single adapter goes exactly at --out; a static run's needs no prompt
-                text = read_prompt(prompt) if prompt is not None else None
-                folders = export_lora(checkpoint, [(target.name, text)], target.parent, servable_only)
-            else:
-                folders = export_lora(checkpoint, read_prompts_jsonl(prompts_jsonl), out, servable_only)
-        except UserError as e:  # the CLI's convention: one line, exit code 2
-            click.echo(f"error: {e}", err=True)
-            sys.exit(UserError.exit_code)
-        for folder in folders:
-            info = json.loads((folder / "export.json").read_text())
-            dropped = f", {len(info['dropped_targets'])} not servable dropped" if info["dropped_targets"] else ""
-            click.echo(f"{folder}: {info['targets']} target modules{dropped} ({info['prompt_tokens']} prompt tokens)")
-
-    return export_lora_cmd
-
-
-export_lora_cmd = _make_command()

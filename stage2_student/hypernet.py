@@ -24,6 +24,19 @@ Initialisation:
       student with injection equals the base student exactly;
     - A projections are N(0, 1 / (3 d_in G)) on unit-variance inputs, so A's entries have the
       variance of PEFT's default kaiming_uniform(a=sqrt(5)) LoRA A, whatever the task.
+
+Learning rate of the head projections (`optimizer_groups`): lr / G, all else at lr.
+    Adam moves every weight by about lr per step whatever its gradient's scale. An emitted entry is
+    B_i = sum_j W_ij u_j + b_i over the G entries of u = out_norm(g), whose RMS is 1 by construction; for one
+    sample and chunk the gradients of row i's weights are dL/dB_i * u_j, so Adam's first step moves B_i by
+    lr * sum_j |u_j| ~ 0.8 G lr: about 0.8 G times what a plain LoRA's B entry moves at the same lr (A alike,
+    once B != 0). At the demo's G = 256 that made lr 1e-4 act like a plain LoRA at ~2e-2, and at lr 1e-3 the
+    deltas s*B*A grew to 35-140x their frozen weights' norms within 10 steps and training diverged (BENCHMARKS.md,
+    the lr sweep). Scaling those weights' lr by 1 / G (muP's rule for Adam on a layer's output, Yang et al.
+    2022) bounds the step of every emitted entry by about lr, as for a plain LoRA, whatever G, d_in or d_out.
+    Nothing upstream can inflate A or B instead: u is normalised, so |B_i| <= ||W_i|| * sqrt(G) + |b_i|
+    whatever the encoder and generator do; they only choose its direction. (Gradient clipping cannot help:
+    Adam divides a gradient's scale out.)
 """
 
 from __future__ import annotations
@@ -122,6 +135,7 @@ class HyperNetwork(nn.Module):
             raise ValueError("HyperNetwork needs at least one target")
         self.targets = list(targets)
         self.rank = hyper_cfg.rank
+        self.generator_dim = hyper_cfg.generator_dim
         self.lora_scale = hyper_cfg.alpha / hyper_cfg.rank
         d, g, head_chunk = hyper_cfg.encoder_dim, hyper_cfg.generator_dim, hyper_cfg.head_chunk
 
@@ -147,6 +161,16 @@ class HyperNetwork(nn.Module):
             self.heads_b[key] = ChunkedHead(g, self.rank, d_out, head_chunk, init_std=0.0)
         self._layer_ids = [t.layer for t in self.targets]
         self._kind_ids = [kinds.index(t.kind) for t in self.targets]
+
+    def optimizer_groups(self) -> list[dict]:
+        """Adam(W) parameter groups, each with an `lr_scale` for the trainer to multiply the scheduled lr by:
+        the heads' output projections at 1 / generator_dim (see the module docstring), the rest at 1.
+
+        Call it after FSDP2 has wrapped the module (it reads the parameters the optimizer must hold)."""
+        projections = [head.proj.weight for heads in (self.heads_a, self.heads_b) for head in heads.values()]
+        chosen = {id(p) for p in projections}
+        rest = [p for p in self.parameters() if id(p) not in chosen]
+        return [{"params": rest, "lr_scale": 1.0}, {"params": projections, "lr_scale": 1.0 / self.generator_dim}]
 
     def forward(
         self, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor

@@ -44,7 +44,7 @@ def launch(cfg: RunConfig, config_path: str, overrides: Sequence[str], nproc: in
     check_before_launch(cfg, nproc)
     owner = new_owner()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "stage2_student.train", "--config", config_path]  # fmt: skip
+           "-m", "hyperdistill.cli", "train-worker", "--config", config_path]  # fmt: skip
     for item in overrides:
         cmd += ["--set", item]
     with output_lease(cfg.train.output_dir, owner) as lease:

@@ -26,10 +26,10 @@ flat at p_K); for T > 1 it is a lower bound on the tempered tail mass, for T < 1
 Sampled cache rows (cache.rows = "sampled"): a row holds the distinct ids of N draws from the teacher at
 T = 1 with logp = log(count / N), and the draws the engine could not name (outside its top-K) as the tail.
 forward_tail at T = 1 on such rows is the RS-KD loss (random-sampling KD): with every draw named (support
-'full', the hf backend) its student-dependent part, -sum_k (count_k / N) log q_k, is an unbiased estimate of
-the full cross-entropy -sum_v p_v log q_v, so its gradient is unbiased. With unnamed tail draws (support
-'top-K', vLLM) the tail bucket also holds the top-K ids not drawn in that row: a small bias that shrinks
-with N (cache_schema.layout). Other losses or temperatures are biased on these rows; the trainer refuses
+'full': the hf backend, vLLM's engine capture) its student-dependent part, -sum_k (count_k / N) log q_k, is an
+unbiased estimate of the full cross-entropy -sum_v p_v log q_v, so its gradient is unbiased. With unnamed tail
+draws (support 'top-K', vLLM's public path) the tail bucket also holds the top-K ids not drawn in that row: a small bias that shrinks
+with N (cache_schema.format). Other losses or temperatures are biased on these rows; the trainer refuses
 them. top1_agree on sampled rows compares with the most-drawn id (ties: the smallest id).
 
 Full vocabulary (`full_vocab_kl`, kind "full_vocab"): with the teacher model itself at hand (small teachers only:

@@ -1,11 +1,11 @@
 """Hypernetwork size for a student, from its transformers config alone (meta device, no weights).
 
-    python -m stage2_student.param_count        # the tiny student and the real Qwen3-Coder-Next
+    hyperdistill param-count                                         # the config's student
+    hyperdistill param-count --set student.model=Qwen/Qwen3-Coder-Next  # the real one, from its published config
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
 import torch
@@ -45,18 +45,3 @@ def count_hypernet_params(cfg: RunConfig, student_config) -> dict:
         "lora_params_per_sample": sum(cfg.hyper.rank * (t.in_features + t.out_features) for t in targets),
         "student_params": _numel(student),
     }
-
-
-def main() -> None:
-    from transformers import Qwen3NextConfig
-
-    from common.tiny_models import student_config
-
-    cfg = RunConfig()
-    report = {"tiny-student": count_hypernet_params(cfg, student_config()),
-              "Qwen3-Coder-Next": count_hypernet_params(cfg, Qwen3NextConfig())}
-    print(json.dumps(report, indent=2))
-
-
-if __name__ == "__main__":
-    main()

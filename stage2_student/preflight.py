@@ -5,6 +5,8 @@
 3. grad-flow    after one step every hypernetwork parameter gets a gradient and no student parameter does
 4. cache        the trainer's cache checks: fingerprints, K and row kind against this config and student
 5. memory       the per-rank memory estimate (hyperdistill plan's stage-2 model) fits the device with headroom
+6. kernels      on a CUDA machine, the student's Gated DeltaNet layers have their fast kernels
+                (flash-linear-attention, causal-conv1d); CPU machines run the reference code and pass
 
 Checks 2-3 run on the configured student itself when it is small enough to load here, otherwise on a
 copy of its architecture cut to one period of its layer pattern (all layer kinds, real attention and
@@ -117,7 +119,21 @@ def run_preflight(cfg: RunConfig, world_size: int = 8) -> list[Check]:
 
     checks.append(_cache_check(cfg))
     checks.append(_memory_check(cfg, world_size))
+    checks.append(_kernels_check(cfg))
     return checks
+
+
+def _kernels_check(cfg: RunConfig) -> Check:
+    from stage2_student.kernels import fast_kernels_installed, fast_path_problem
+
+    config, _ = model_config(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code)
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    installed = fast_kernels_installed()
+    cuda = torch.cuda.is_available()
+    problem = fast_path_problem(cuda, layer_types, installed)
+    have = ", ".join(f"{dist} {'installed' if ok else 'absent'}" for dist, ok in installed.items())
+    where = "CUDA" if cuda else "no CUDA: the reference PyTorch code is the path"
+    return Check("kernels", problem is None, problem or f"{have} ({where})")
 
 
 def _cache_check(cfg: RunConfig) -> Check:

@@ -54,6 +54,11 @@ class StaticLoRA(nn.Module):
             out[t.name] = (a.expand(n, -1, -1), b.expand(n, -1, -1))
         return out
 
+    def optimizer_groups(self) -> list[dict]:
+        """One Adam(W) group at the scheduled lr: a plain LoRA's A and B are the trained weights themselves
+        (HyperNetwork.optimizer_groups has the same shape)."""
+        return [{"params": list(self.parameters()), "lr_scale": 1.0}]
+
     def adapter(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{target name: (A [r, d_in], B [d_out, r])}: the one adapter, as export-lora writes it."""
         return {t.name: (self.a[_key(t.name)], self.b[_key(t.name)]) for t in self.targets}

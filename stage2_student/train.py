@@ -1,7 +1,7 @@
 """Stage 2: train the hypernetwork against the teacher cache; the student stays frozen.
 
 Run under torchrun (`hyperdistill train-student --nproc N` launches it):
-    torchrun --nproc_per_node 8 -m stage2_student.train --config configs/qwen3_coder.yaml
+    torchrun --nproc_per_node 8 -m hyperdistill.cli train-worker --config configs/qwen3_coder.yaml
 
 Per step: prompt -> hypernetwork -> per-sample LoRA (A, B) for every target linear -> frozen student
 forward with the LoRA hooks -> hidden states at the cached rows -> chunked lm_head + logsumexp + gather
@@ -31,7 +31,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -42,7 +42,8 @@ from common.errors import UserError
 from common.models import load_causal_lm, load_tokenizer, resolve_model
 from stage2_student import checkpoint, distributed
 from stage2_student.checks import check_cache, check_output_dir, same_config
-from stage2_student.data import Plan, eval_batches, make_loader, plan_phases, split_indices
+from stage2_student.data import Plan, eval_batches, make_loader, manifest_split, plan_phases
+from stage2_student.kernels import describe_student_kernels
 from stage2_student.launch import OWNER_ENV, new_owner, output_lease
 from stage2_student.losses import EVAL_KIND, FULL_VOCAB, TeacherRows
 from stage2_student.metrics import MetricsLogger, Sums
@@ -111,11 +112,11 @@ class Trainer:
         if env.is_main:
             save_resolved(cfg, cfg.train.output_dir)
 
-        # ---- data: the cache, split by a stable hash into train / held-out -----------------------------
+        # ---- data: the cache, split into train / held-out as the manifest says ---------------------------
         self.reader = CacheReader(cfg.cache.path)
         tokenizer = load_tokenizer(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code)
         check_cache(self.reader, cfg, tokenizer)
-        train_idx, self.heldout_idx = split_indices(self.reader.sample_ids, cfg.data.heldout_fraction)
+        train_idx, self.heldout_idx = manifest_split(self.reader, cfg.manifest)
         self.plan = plan_phases(cfg, train_idx, env.rank, env.world_size)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.pin = env.device.type == "cuda"
@@ -123,6 +124,7 @@ class Trainer:
         # ---- models: frozen student (bf16), LoRA writer (fp32), LoRA hooks, FSDP2 ------------------------
         # Rank 0 reads the weights; other ranks build it on the meta device (distributed.py's docstring).
         student, full_state = distributed.load_student(cfg.student, env)
+        self.log.info(describe_student_kernels(student.config, cuda=env.device.type == "cuda"))
         self.model = build_distill_model(cfg, student)
         if cfg.train.activation_checkpointing:
             distributed.apply_activation_checkpointing(student)
@@ -137,7 +139,8 @@ class Trainer:
         self.online = resident if cfg.train.online_teacher else None
         self.eval_teacher = resident if cfg.train.eval_teacher else None
         self.params = list(self.model.hypernet.parameters())
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.model.hypernet.optimizer_groups(), lr=cfg.train.lr,
+                                           weight_decay=cfg.train.weight_decay)
         n_params = sum(p.numel() for p in self.params)
         what = "static LoRA" if cfg.hyper.mode == "static" else "hypernetwork"
         self.log.info(f"{what}: {n_params:,} trainable parameters (this rank's shard) over "
@@ -269,7 +272,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 lr = lr_at(step, cfg, plan)
                 for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group["lr_scale"]  # hypernet.optimizer_groups says why
                 sums, grad_norm = self.train_step(loader)
                 step += 1
                 if self.lease is not None:
@@ -318,16 +321,12 @@ def train(cfg: RunConfig, env) -> dict[str, float]:
         return trainer.train()
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Stage 2 trainer (run under torchrun).")
-    parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    args = parser.parse_args(argv)
+def main(config_path: str | None, overrides: Sequence[str] = ()) -> int:
+    """One stage-2 process under torchrun (`hyperdistill train-worker`, which train-student launches): the
+    config loaded as every command loads it; a UserError is printed once, by rank 0, and returns 2."""
     env = distributed.init_distributed()
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(config_path, overrides)
         train(cfg, env)
         return 0
     except UserError as e:
@@ -336,7 +335,3 @@ def main(argv: list[str] | None = None) -> int:
         return UserError.exit_code
     finally:
         distributed.cleanup()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

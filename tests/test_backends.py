@@ -72,7 +72,9 @@ def vllm_backend(teacher_dir):
     # 1 GiB of KV cache (plenty for 512-token prompts) instead of half the machine's memory; an
     # explicit size also skips vLLM's warm-up pass at start-up.
     mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    backend = make_backend(_cfg("vllm"), teacher_dir, K)
+    cfg = _cfg("vllm")
+    cfg.capture = "public"  # vLLM's public prompt log-probs (the engine capture: test_capture.py)
+    backend = make_backend(cfg, teacher_dir, K)
     yield backend
     backend.close()
     mp.undo()

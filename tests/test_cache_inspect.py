@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from cache_schema import CacheStore, SampleRows, cache_stats, inspect_cache, show_sample, stored_positions
-from cache_schema.cli import cache
+from hyperdistill.cli import cache
 from cache_schema.synthetic import example_root_meta, synthetic_sample
 from common.errors import UserError
 

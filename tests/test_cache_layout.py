@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cache_schema import CacheReader, CacheStore, PartMeta, RootMeta, SampleRows, stored_positions
-from cache_schema.layout import SCHEMA_VERSION
+from cache_schema.format import SCHEMA_VERSION
 from cache_schema.synthetic import example_root_meta, zipf_topk_rows
 from common.errors import UserError
 

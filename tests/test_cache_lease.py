@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cache_schema import CacheStore, PartBusy, PartLease
-from cache_schema.layout import LEASE_FILE, part_path
+from cache_schema.format import LEASE_FILE, part_path
 from cache_schema.lease import LeaseRecord
 from cache_schema.storage import CacheLocation
 from cache_schema.synthetic import example_root_meta, synthetic_sample

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cache_schema import ENCODINGS, CacheReader, CacheStore, SampleRows, get_encoding, stored_positions
-from cache_schema.rows import decode_rows, encode_rows
+from cache_schema.topk_rows import decode_rows, encode_rows
 from cache_schema.synthetic import example_root_meta, synthetic_sample, zipf_topk_rows
 
 VOCAB = 1000

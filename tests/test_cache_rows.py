@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from cache_schema import (
     ENCODINGS, CacheReader, CacheStore, SampleRows, cache_stats, get_encoding, inspect_cache, verify_cache,
 )
-from cache_schema.cli import cache
-from cache_schema.layout import PAD_LOGPROB
-from cache_schema.rows import IdTable, decode_rows, encode_rows, keep_counts, pad_ids
+from hyperdistill.cli import cache
+from cache_schema.format import PAD_LOGPROB
+from cache_schema.topk_rows import IdTable, decode_rows, encode_rows, keep_counts, pad_ids
 from cache_schema.synthetic import example_root_meta, synthetic_sample, zipf_topk_rows
 from common.errors import UserError
 from stage2_student.losses import TEACHER_LOGP_FLOOR, teacher_buckets

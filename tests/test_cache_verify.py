@@ -11,7 +11,7 @@ import zarr
 from click.testing import CliRunner
 
 from cache_schema import CacheStore, inspect_cache, verify_cache
-from cache_schema.cli import cache
+from hyperdistill.cli import cache
 from cache_schema.synthetic import example_root_meta, synthetic_sample
 
 K, VOCAB = 8, 1000

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cache_schema import CacheReader, CacheStore, LeaseLost, SampleRows, config_hash
-from cache_schema.layout import LEASE_FILE, part_path
+from cache_schema.format import LEASE_FILE, part_path
 from cache_schema.synthetic import example_root_meta, synthetic_sample
 from common.errors import UserError
 

@@ -21,12 +21,12 @@ from stage2_student import checkpoint
 from stage2_student.export import (
     VLLM_LORA_MODULES,
     export_lora,
-    export_lora_cmd,
     read_prompts_jsonl,
     resolve_checkpoint,
     servable_targets,
 )
 from stage2_student.hypernet import HyperNetwork
+from hyperdistill.cli import export_lora_cmd
 from stage2_student.lora import LoRAInjector
 from stage2_student.targets import Target, resolve_targets
 

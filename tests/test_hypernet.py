@@ -111,8 +111,8 @@ def test_param_counts_tiny_and_real(student):
     n_linear = real_cfg.layer_types.count("linear_attention")
     assert (n_full, n_linear) == (12, 36)
     assert real["targets_by_kind"] == {**{k: n_full for k in ATTN_KINDS}, **{k: n_linear for k in DELTANET_KINDS}}
-    # Shapes from FACTS.md (out, in): q (8192, 2048), k/v (512, 2048), o/out_proj (2048, 4096),
-    # in_proj_qkvz (12288, 2048), in_proj_ba (64, 2048).
+    # Shapes from Qwen/Qwen3-Coder-Next's published config.json (out, in): q (8192, 2048), k/v (512, 2048),
+    # o/out_proj (2048, 4096), in_proj_qkvz (12288, 2048), in_proj_ba (64, 2048).
     shapes = {(2048, 8192), (2048, 512), (4096, 2048), (2048, 12288), (2048, 64)}
     assert set(real["shapes"]) == {f"in{i}_out{o}" for i, o in shapes}
     dense_heads = cfg.generator_dim * cfg.rank * sum(i + o for i, o in shapes)

@@ -14,13 +14,8 @@ import pytest
 
 from common.config import RunConfig
 from common.errors import UserError
-from common.manifest import (
-    dataset_fingerprint,
-    load_manifest,
-    load_shard_samples,
-    prepare_data,
-    summary_path,
-)
+from cache_schema.manifest import dataset_fingerprint, load_manifest, summary_path
+from common.manifest import load_shard_samples, prepare_data
 from common.sharding import is_heldout, shard_of
 
 IDS = [f"nebius__traj-{i:05d}" for i in range(4000)]

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cache_schema.layout import SamplingMeta
+from cache_schema.metadata import SamplingMeta
 from common.config import load_config
 from common.errors import UserError
 from stage2_student.distributed import DistEnv

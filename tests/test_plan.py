@@ -1,9 +1,9 @@
 """`hyperdistill plan`: the shipped configs plan, the real run lands in a sane band, configs that cannot fit
 are refused by how much, and the throughput model scales as it says.
 
-Reference numbers come from the published models and the run config, not from the planner: FACTS.md gives
-480B / 79.7B parameters, FP8 teacher weights of ~480 GB (~60 GB per GPU at TP8), and the student's bf16
-weights are 2 bytes x 79.7B = 159 GB.
+Reference numbers come from the published models and the run config, not from the planner: the models'
+Hugging Face model cards give 480B / 79.7B parameters, FP8 teacher weights of ~480 GB (~60 GB per GPU at
+TP8), and the student's bf16 weights are 2 bytes x 79.7B = 159 GB.
 """
 
 from __future__ import annotations
@@ -16,15 +16,25 @@ from click.testing import CliRunner
 
 from common.config import load_config
 from common.errors import UserError
-from hyperdistill.plan import format_plan, mean_context, plan_cmd, plan_run
+from hyperdistill.cli import plan_cmd
+from hyperdistill.plan import format_plan, mean_context, plan_run
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 REAL = CONFIGS / "qwen3_coder.yaml"
 TWO_NODE = CONFIGS / "qwen3_coder_2node.yaml"
 
 
+# The real config's stage 1 runs vLLM's DP8 + EP recipe; the TP8 + EP single-engine layout is its alternative.
+TP8_ENGINE = ["teacher.tensor_parallel_size=8", "teacher.data_parallel_size=1"]
+
+
 @pytest.fixture(scope="module")
 def real_plan():
+    return plan_run(load_config(REAL, TP8_ENGINE), gpus=8, gpu_mem_gb=141)
+
+
+@pytest.fixture(scope="module")
+def real_dp_plan():
     return plan_run(load_config(REAL), gpus=8, gpu_mem_gb=141)
 
 
@@ -52,6 +62,27 @@ def test_real_plan_is_in_a_sane_band(real_plan):
         assert needle in text
 
 
+def test_real_plan_runs_vllms_dp_ep_recipe(real_dp_plan, real_plan):
+    """DP8 + EP at TP1: each GPU holds attention, embeddings and lm_head whole (~10 B params of attention at 1
+    byte, 2 x 0.93 B of embeddings at 2 bytes) and 1/8 of the 160 experts (62 layers x 160 x 3 x 6144 x 2560
+    = 468 B params at 1 byte): ~71 GB; eight front ends; the engine capture's logits are one row chunk."""
+    s1, cfg = real_dp_plan.stage1, load_config(REAL)
+    assert cfg.teacher.data_parallel_size == 8 and cfg.teacher.enable_expert_parallel
+    assert cfg.teacher.capture == "engine"
+    experts = 62 * 160 * 3 * 6144 * 2560
+    assert real_dp_plan.teacher.expert_params == experts
+    assert s1.dp == 8 and s1.ep == 8 and s1.tp == 1 and s1.engines == 8
+    assert s1.memory["weights"] == pytest.approx(experts / 8 / 1e9 + 10.1 + 3.7, rel=0.03)
+    assert s1.memory["logits"] == pytest.approx(256 * 151_936 * 10 / 1e9)  # vs 14.9 GB for a 16k prefill chunk
+    assert s1.compute_hours == pytest.approx(real_plan.stage1.compute_hours)  # the same 8 GPUs' FLOPs
+    assert s1.host_hours < s1.compute_hours / 10  # no longer host-bound
+    text = format_plan(real_dp_plan)
+    assert "DP8 x TP1 + expert parallel (experts over 8 GPUs)" in text and "per DP rank" in text
+    public = plan_run(load_config(REAL, ["teacher.capture=public"]), gpus=8, gpu_mem_gb=141).stage1
+    assert public.memory["logits"] == pytest.approx(16_384 * 151_936 * 6 / 1e9)
+    assert public.host_hours == pytest.approx(s1.tokens / (8 * 34_000) / 3600)
+
+
 def test_demo_plans_from_its_manifest(tmp_path, qwen_tokenizer):
     from common.manifest import load_manifest, prepare_data
 
@@ -70,7 +101,8 @@ def test_demo_plans_from_its_manifest(tmp_path, qwen_tokenizer):
 
 def test_refuses_a_student_that_does_not_fit_and_says_by_how_much():
     # The real student alone on one 80 GB GPU (a teacher that fits, so stage 2 is the one refused).
-    tiny_teacher = ["teacher.model=tiny-teacher", "teacher.tensor_parallel_size=1", "teacher.quantization=null"]
+    tiny_teacher = ["teacher.model=tiny-teacher", "teacher.tensor_parallel_size=1", "teacher.data_parallel_size=1",
+                    "teacher.quantization=null"]
     cfg = load_config(REAL, tiny_teacher)
     with pytest.raises(UserError) as e:
         plan_run(cfg, gpus=1, gpu_mem_gb=80)
@@ -82,7 +114,7 @@ def test_refuses_a_student_that_does_not_fit_and_says_by_how_much():
 
 
 def test_refuses_a_teacher_that_does_not_fit():
-    # 8x H100 (80 GB): 60 GB of FP8 weights per GPU + a 16k-token prefill's logits exceed 0.92 x 80 GB.
+    # 8x H100 (80 GB): ~71 GB of FP8 weights per GPU at DP8 + EP (60 at TP8) + activations exceed 0.92 x 80 GB.
     with pytest.raises(UserError, match=r"stage 1 \(teacher-cache\): needs .* GB over teacher.gpu_memory_utilization"):
         plan_run(load_config(REAL), gpus=8, gpu_mem_gb=80)
     with pytest.raises(UserError, match="needs 8 GPUs on a node; the plan has 4"):
@@ -92,7 +124,7 @@ def test_refuses_a_teacher_that_does_not_fit():
 def test_refuses_too_little_kv_cache(real_plan):
     # Leave 0.5 GB beside the fixed memory: less than one 32k-token sequence's KV cache (~1 GB at TP8).
     fixed = sum(real_plan.stage1.memory.values())
-    cfg = load_config(REAL, [f"teacher.gpu_memory_utilization={(fixed + 0.5) / 141}"])
+    cfg = load_config(REAL, [*TP8_ENGINE, f"teacher.gpu_memory_utilization={(fixed + 0.5) / 141}"])
     with pytest.raises(UserError, match=r"fewer than one 32,768-token sequence: [\d.]+ GB short"):
         plan_run(cfg, gpus=8, gpu_mem_gb=141)
 
@@ -121,9 +153,20 @@ def test_mean_context_of_one_sequence_is_half_its_length():
 
 def test_cli_prints_the_plan_or_one_error_line():
     runner = CliRunner()
-    ok = runner.invoke(plan_cmd, [str(TWO_NODE), "--gpus", "16"])
+    ok = runner.invoke(plan_cmd, ["--config", str(TWO_NODE), "--gpus", "16"])
     assert ok.exit_code == 0, ok.output
     assert "8 shard x 2 replicate (HSDP)" in ok.output and "2 engine(s) x TP8" in ok.output
-    bad = runner.invoke(plan_cmd, [str(REAL), "--gpus", "8", "--gpu-mem-gb", "80"])
+    bad = runner.invoke(plan_cmd, ["--config", str(REAL), "--gpus", "8", "--gpu-mem-gb", "80"])
     assert bad.exit_code == 2 and bad.output.startswith("error: stage 1 (teacher-cache)")
     assert len(bad.output.strip().splitlines()) == 1
+
+
+def test_plan_takes_its_config_like_every_command():
+    """`plan` takes --config and --set like the other commands, and no positional config any more."""
+    runner = CliRunner()
+    positional = runner.invoke(plan_cmd, [str(TWO_NODE), "--gpus", "16"])
+    assert positional.exit_code == 2 and "unexpected extra argument" in positional.output.lower()
+    changed = runner.invoke(plan_cmd, ["--config", str(TWO_NODE), "--gpus", "16", "--set", "train.batch_size=4"])
+    assert changed.exit_code == 0, changed.output
+    ok = runner.invoke(plan_cmd, ["--config", str(TWO_NODE), "--gpus", "16"])
+    assert changed.output != ok.output

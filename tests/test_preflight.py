@@ -16,7 +16,7 @@ def _by_name(checks):
 def test_demo_preflight_passes(hf_cache_run):
     cfg, _ = hf_cache_run
     checks = _by_name(run_preflight(cfg, world_size=2))
-    assert list(checks) == ["targets", "zero-init", "grad-flow", "cache", "memory"]
+    assert list(checks) == ["targets", "zero-init", "grad-flow", "cache", "memory", "kernels"]
     failed = {n: c.detail for n, c in checks.items() if not c.ok}
     assert not failed, failed
     assert "13 target linears" in checks["targets"].detail  # 3 DeltaNet layers x 3 + 1 attention x 4

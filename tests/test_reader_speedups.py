@@ -1,4 +1,4 @@
-"""The faster decode (cache_schema.rows / encoding) and `flat_to_topk` against copies of the implementations
+"""The faster decode (cache_schema.topk_rows / encoding) and `flat_to_topk` against copies of the implementations
 they replaced, kept here only as references: every output must be bit-identical, on realistic rows and on
 adversarial stored arrays (wrapping sums, huge codes, long runs, escaped ids, NaN/inf from corrupt input)."""
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from cache_schema.encoding import ENCODINGS, Fp16Encoding
-from cache_schema.layout import PAD_LOGPROB, TOPK_COUNTS, TOPK_IDS, TOPK_LOGMASS, TOPK_LOGPROBS, tail_mass
-from cache_schema.rows import DecodedRows, IdTable, decode_rows, encode_rows, pad_ids
+from cache_schema.format import PAD_LOGPROB, TOPK_COUNTS, TOPK_IDS, TOPK_LOGMASS, TOPK_LOGPROBS, tail_mass
+from cache_schema.topk_rows import DecodedRows, IdTable, decode_rows, encode_rows, pad_ids
 from cache_schema.synthetic import zipf_topk_rows
 
 VOCAB = 151_936

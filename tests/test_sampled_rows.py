@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cache_schema import CacheReader, CacheStore, SampleRows, SamplingMeta, verify_cache
-from cache_schema.layout import DRAW_COUNTS, PAD_LOGPROB, TOPK_COUNTS, TOPK_IDS, stored_positions
-from cache_schema.sampled import count_draws, decode_sampled
+from cache_schema.format import DRAW_COUNTS, PAD_LOGPROB, TOPK_COUNTS, TOPK_IDS, stored_positions
+from cache_schema.sampled_rows import count_draws, decode_sampled
 from cache_schema.synthetic import example_root_meta
 from common.errors import UserError
 from stage1_teacher.hf_backend import resolve_tail_draws
@@ -403,7 +403,7 @@ def test_draws_depend_on_the_row_alone_not_its_index_in_the_call():
 ])  # fmt: skip
 def test_stage1_refuses_broken_teacher_rows_before_they_become_draws(row, message):
     """A sampled cache stores only the draws, so stage 1 checks the top-K rows they come from."""
-    from cache_schema.layout import check_teacher_rows
+    from cache_schema.row_checks import check_teacher_rows
 
     good = [np.log(0.6), np.log(0.3)]
     ids = np.array([[3, 4], [5, 6]], dtype=np.uint32)

@@ -97,6 +97,48 @@ def _biggest_shard(cfg) -> int:
     return int(counts.argmax())
 
 
+_RUN_CLI = textwrap.dedent("""
+    import sys
+    from hyperdistill.cli import main
+    try:
+        main(sys.argv[1:])
+    except SystemExit as e:
+        code = e.code
+    print("exit", code, "teacher loaded:", "stage1_teacher.hf_backend" in sys.modules)
+""")
+
+
+@pytest.mark.parametrize("part_state", ["complete", "incomplete"])
+def test_other_settings_are_refused_before_the_teacher_loads(full_run, tmp_path, part_state):
+    """`teacher-cache --set cache.k=64` on a K=128 cache: one line naming k, exit 2, and the teacher is
+    never loaded, whether the requested part is complete (before: skipped, exit 0) or not (before: refused
+    only after loading the teacher)."""
+    import shutil
+
+    import zarr
+
+    cfg, _ = full_run
+    path = tmp_path / "cache.zarr"
+    shutil.copytree(cfg.cache.path, path)
+    if part_state == "incomplete":
+        part = zarr.open_group(str(path), path="parts/00001", mode="r+")
+        part.attrs["complete"] = False
+    sets = [*config_overrides(cfg), f"cache.path={path}", "teacher.backend=hf", "cache.k=64"]
+    args = ["teacher-cache", "--config", str(REPO / "configs" / "demo.yaml"), "--shard", "1"]
+    for item in sets:
+        args += ["--set", item]
+    proc = subprocess.run([sys.executable, "-c", _RUN_CLI, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.stdout.strip().splitlines()[-1] == "exit 2 teacher loaded: False", proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert errors == [f"error: cache {path}: k is 128 in the cache but 64 in this run; "
+                      "use a new cache path or the cache's settings"], proc.stderr
+    # The same run with the cache's own K goes ahead (skips the complete part, redoes an incomplete one).
+    ok = subprocess.run([sys.executable, "-c", _RUN_CLI, *args[:-2]], cwd=REPO, capture_output=True, text=True,
+                        timeout=300)
+    assert ok.stdout.strip().splitlines()[-1] == "exit 0 teacher loaded: " + str(part_state == "incomplete")
+
+
 def test_sigkill_mid_shard_then_rerun_matches_uninterrupted(full_run, tmp_path, tokenizer):
     ref_cfg, _ = full_run
     # Small engine batches so that the shard takes several score() calls.
@@ -129,7 +171,7 @@ HOLDER = textwrap.dedent(
     """
     import sys, time
     from cache_schema import PartLease
-    from cache_schema.layout import part_path
+    from cache_schema.format import part_path
     from cache_schema.storage import CacheLocation
     lease = PartLease(CacheLocation(sys.argv[1]), part_path(int(sys.argv[2])), owner="another-job")
     lease.acquire()

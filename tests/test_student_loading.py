@@ -125,7 +125,7 @@ def test_two_rank_run_starts_from_single_process_heldout_kl(hf_cache_run, tmp_pa
     sets = ["train.phases=[{name: main, epochs: 1, seq_len: 768}]", "train.max_steps=1", "train.batch_size=1",
             "train.checkpoint_every=100", "train.loss_chunk=256", *HYPER]  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-           "-m", "stage2_student.train", "--config", str(REPO / "configs" / "demo.yaml")]  # fmt: skip
+           "-m", "hyperdistill.cli", "train-worker", "--config", str(REPO / "configs" / "demo.yaml")]  # fmt: skip
     for s in [*config_overrides(cache_cfg), f"train.output_dir={tmp_path / 'two'}", *sets]:
         cmd += ["--set", s]
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,

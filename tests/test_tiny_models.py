@@ -21,7 +21,7 @@ from common.pretrain import heldout_code_texts, stream_rows, token_stream
 from common.tokenizer import FIRST_SPECIAL_ID, SPECIAL_TOKENS, chat_template_fingerprint, tokenizer_fingerprint
 
 REPO = Path(__file__).resolve().parent.parent
-QWEN_VOCAB_ROWS = 151_936  # the real models' embedding rows (FACTS.md)
+QWEN_VOCAB_ROWS = 151_936  # vocab_size in both real models' published config.json
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ TRAIN = [
     "train.checkpoint_every=2",
     "train.eval_every=100",
     "train.warmup_steps=2",
-    "train.lr=1e-4",
+    "train.lr=1e-3",
     "train.loss_chunk=256",
     "hyper.encoder_dim=64",
     "hyper.generator_dim=128",
@@ -47,7 +47,7 @@ def cache_cfg(hf_cache_run):
 def _torchrun(cfg, output_dir: Path, extra: list[str] = (), wait: bool = True):
     sets = [*config_overrides(cfg), f"train.output_dir={output_dir}", *TRAIN, *extra]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "stage2_student.train", "--config", str(REPO / "configs" / "demo.yaml")]  # fmt: skip
+           "-m", "hyperdistill.cli", "train-worker", "--config", str(REPO / "configs" / "demo.yaml")]  # fmt: skip
     for s in sets:
         cmd += ["--set", s]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

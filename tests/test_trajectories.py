@@ -225,13 +225,13 @@ def test_hub_source_goes_through_datasets(monkeypatch):
     for row in rows:  # Arrow columns need one type: plain-string content everywhere
         row["trajectory"][4]["content"] = "Done."
 
-    def fake_load_dataset(name, split):
-        calls.append((name, split))
-        return datasets.Dataset.from_list(rows)
+    def fake_load_dataset(name, split, streaming=False):
+        calls.append((name, split, streaming))
+        return datasets.Dataset.from_list(rows).to_iterable_dataset()
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     kept, report = load_trajectories(DataConfig(source="hf://nebius/SWE-rebench-openhands-trajectories", split="train"))
-    assert calls == [("nebius/SWE-rebench-openhands-trajectories", "train")]
+    assert calls == [("nebius/SWE-rebench-openhands-trajectories", "train", True)]  # streamed
     assert [t.id for t in kept] == ["h0", "h2"]
     assert kept[1].location == "hf://nebius/SWE-rebench-openhands-trajectories[2]"
     assert report.examples["unresolved"] == [("hf://nebius/SWE-rebench-openhands-trajectories[1]", "h1")]

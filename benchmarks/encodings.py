@@ -1,6 +1,6 @@
 """Size, fidelity and speed of every log-prob encoding and mass-adaptive epsilon, as a markdown table:
 
-    python -m cache_schema.bench_encodings --rows 200000 [--teacher-cache runs/demo/cache.zarr]
+    python -m benchmarks.encodings --rows 200000 [--teacher-cache runs/demo/cache.zarr]
 
 Two sources, measured separately: synthetic Zipf-shaped rows (`cache_schema.synthetic`) and, when a cache of
 real teacher output exists at --teacher-cache (fixed K; skipped with a message otherwise), its rows, taken as
@@ -34,8 +34,8 @@ import click
 import numpy as np
 
 from cache_schema.encoding import ENCODINGS, QuantisedLogEncoding, get_encoding
+from cache_schema.format import SampleRows
 from cache_schema.inspect import inspect_cache
-from cache_schema.layout import SampleRows
 from cache_schema.reader import CacheReader
 from cache_schema.synthetic import example_root_meta, synthetic_samples
 from cache_schema.writer import CacheStore

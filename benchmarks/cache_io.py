@@ -1,4 +1,4 @@
-"""Writer and reader throughput on synthetic Zipf-like rows: `python -m cache_schema.bench --rows 200000`.
+"""Writer and reader throughput on synthetic Zipf-like rows: `python -m benchmarks.cache_io --rows 200000`.
 
 The writer's host cost (validation + encoding + checksums + compression + writes) must stay <= 10 µs per
 row at K=128 so that it never slows the teacher: that is >= 100k rows/s per process."""
@@ -21,7 +21,7 @@ from cache_schema.writer import CacheStore
 def bench(path: str, *, rows: int = 200_000, k: int = 128, vocab_size: int = 151_936, seed: int = 0,
           encoding: str = "fp16", mass_epsilon: float | None = None) -> dict:
     """Write one part of about `rows` rows at `path` (a new cache), read it back sequentially and in random
-    order; rates exclude generating the data. (`cache_schema.bench_encodings` compares every encoding.)"""
+    order; rates exclude generating the data. (`benchmarks.encodings` compares every encoding.)"""
     samples = synthetic_samples(rows, k, vocab_size, seed)
     total = sum(len(s.positions) for s in samples)
     store = CacheStore.create_or_open(path, example_root_meta(k=k, vocab_size=vocab_size, num_shards=1,

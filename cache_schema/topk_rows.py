@@ -1,5 +1,5 @@
 """Top-K rows between the teacher's arrays and the stored ones: `encode_rows` (writer) and `decode_rows`
-(reader, verify). The conventions they implement are in `cache_schema.layout`'s docstring; the codes in
+(reader, verify). The conventions they implement are in `cache_schema.format`'s docstring; the codes in
 `cache_schema.encoding`.
 
 Stored forms, per row of K entries (or n <= K with mass-adaptive K, the rows then stored one after another):
@@ -11,14 +11,14 @@ Stored forms, per row of K entries (or n <= K with mass-adaptive K, the rows the
   to the previous symbol (>= 1) inside a run. Frequent tokens get small symbols and ties are common among
   unlikely tokens (the coarse bins), so both arrays hold small numbers in uint32 that bitshuffle + zstd
   pack tightly. (Differences between the starts of runs would not be smaller: the teacher's order among
-  distinct probabilities is unrelated to token frequency.) Measured on the demo teacher's rows with qsqrt5
-  at K=128: ids 214 B/row as plain uint32, 193 coded along the row by id, 117 by symbol.
+  distinct probabilities is unrelated to token frequency.) Sizes of the alternatives: BENCHMARKS.md,
+  "Codec and chunk choices".
 - topk_logmass (all but fp16 at fixed K): log of the teacher's probability of the row's entries.
 
 Decoding works on [R, K] arrays throughout (a mass-adaptive row is scattered into its first n columns), so
 fixed and adaptive rows share one vectorised path. Both directions run in blocks of BLOCK_ROWS rows: whole
 samples (thousands of rows) make every [R, K] temporary a fresh multi-MiB allocation whose page faults
-doubled the cost (measured: qsqrt5 encoding 4.7-5.1 us/row in one piece, 2.2-3.1 in blocks of 256).
+cost more than the work (BENCHMARKS.md, "Codec and chunk choices").
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cache_schema.encoding import Encoding
-from cache_schema.layout import PAD_LOGPROB, TOPK_COUNTS, TOPK_IDS, TOPK_LOGMASS, TOPK_LOGPROBS, tail_mass
+from cache_schema.format import PAD_LOGPROB, TOPK_COUNTS, TOPK_IDS, TOPK_LOGMASS, TOPK_LOGPROBS, tail_mass
 
 _ID_BITS = 33  # symbols (< 2 * 2**32) sit in the low 33 bits of the (code, symbol) sort key
 BLOCK_ROWS = 256  # [256, K=128] float64 temporaries are 256 KiB: they stay in cache and in the allocator
@@ -216,10 +216,9 @@ _LOW32 = np.int64(0xFFFFFFFF)
 def _undo_runs(stored: np.ndarray, code_steps: np.ndarray) -> np.ndarray:
     """(R, K) uint32 symbols stored raw at each run start (code step > 0, or column 0) and as differences
     inside runs -> int64 symbols: a cumulative sum restarted at every run start. Done as 1-D cumulative sums
-    over the whole block (1-D scans are 2-3x faster in numpy than scans along the rows of a 2-D array): the
+    over the whole block (numpy's 1-D scans are faster than scans along the rows of a 2-D array): the
     first gives the sum before each run's start; subtracting, at each run start, the previous run's total
-    makes the second restart there. (A gather of the first sum by run number, one per entry, cost 1.5x
-    more with qsqrt5's runs; a running maximum in place of the gather, 3x.) In int64 the block's sums
+    makes the second restart there (cheaper than a gather by run number or a running maximum). In int64 the block's sums
     (< 2**47) cannot overflow; taken mod 2**32 they equal the uint32 sums the writer's differences wrap in,
     so every symbol (< 2**32) is exact, and corrupt input decodes to the same wrapped values as before."""
     rows, k = stored.shape

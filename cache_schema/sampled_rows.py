@@ -1,5 +1,5 @@
 """Sampled rows (RS-KD) between the teacher's draws and the stored arrays: `count_draws` (writer) and
-`decode_sampled` (reader, verify). The format and why it is unbiased: `cache_schema.layout`'s docstring.
+`decode_sampled` (reader, verify). The format and why it is unbiased: `cache_schema.format`'s docstring.
 
 A row of N draws is stored as its distinct drawn ids with their draw counts, in descending count order,
 ties by ascending id; draws outside the teacher's top-K (-1) are not stored, only implied: tail draws =
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cache_schema.layout import DRAW_COUNTS, PAD_LOGPROB, TOPK_COUNTS, TOPK_IDS
-from cache_schema.rows import DecodedRows, pad_ids
+from cache_schema.format import DRAW_COUNTS, PAD_LOGPROB, TOPK_COUNTS, TOPK_IDS
+from cache_schema.topk_rows import DecodedRows, pad_ids
 
 
 def count_draws(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

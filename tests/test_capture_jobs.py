@@ -1,0 +1,156 @@
+"""Stage-1 jobs through vLLM's engine capture (the default with teacher.backend=vllm): a job SIGKILLed mid-shard
+resumes to a part that verifies and agrees with an uninterrupted run at least as closely as two uninterrupted
+runs agree (vLLM on CPU need not repeat itself bit for bit)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from cache_schema import CacheReader, verify_cache
+from common.manifest import load_manifest, prepare_data
+from common.models import load_tokenizer
+from stage1_teacher.run import main as stage1_main
+from tests.pipeline_helpers import REPO, config_overrides, demo_config
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*reduce_op.*:FutureWarning")
+OVERRIDES = ("teacher.backend=vllm", "teacher.capture=engine", "teacher.kv_cache_gib=1", "teacher.batch_tokens=1500",
+             "data.max_tokens=512")
+
+KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from common.config import load_config
+    import stage1_teacher.run as run
+    real = run.make_backend
+
+    def dying_backend(*args, **kwargs):
+        backend = real(*args, **kwargs)
+        calls = {"n": 0}
+        score = backend.score
+        def score_then_die(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 2:          # mid-shard: one batch already written to the part
+                os.kill(os.getpid(), signal.SIGKILL)
+            return score(*a, **k)
+        backend.score = score_then_die
+        return backend
+
+    if __name__ == "__main__":
+        run.make_backend = dying_backend
+        cfg = load_config(sys.argv[1], sys.argv[3:])
+        run.main(cfg, shards=[int(sys.argv[2])])
+    """
+)
+
+
+def _rows(path: str, shard: int):
+    reader = CacheReader(path)
+    return {reader[i].sample_id: reader[i] for i in range(len(reader))}
+
+
+def disagreement(a: dict, b: dict) -> tuple[float, int]:
+    """Largest |difference| of rank-aligned log-probs, and rows whose top-1 differs, over the same samples."""
+    assert a.keys() == b.keys()
+    worst, top1 = 0.0, 0
+    for sid in a:
+        x, y = a[sid], b[sid]
+        np.testing.assert_array_equal(x.positions, y.positions)
+        worst = max(worst, float(np.abs(x.topk_logprobs.astype(np.float32) - y.topk_logprobs).max(initial=0.0)))
+        top1 += int((x.topk_ids[:, 0] != y.topk_ids[:, 0]).sum())
+    return worst, top1
+
+
+@pytest.mark.engine
+def test_sigkilled_capture_job_resumes_to_an_uninterrupted_part(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine dies with the killed process
+    tokenizer = load_tokenizer("tiny-student")
+    cfgs = {}
+    for name in ("a", "b", "killed"):
+        cfgs[name] = demo_config(tmp_path / name, *OVERRIDES)
+        prepare_data(cfgs[name], tokenizer)
+    counts = np.bincount([m["shard"] for m in load_manifest(cfgs["a"].manifest)], minlength=cfgs["a"].data.num_shards)
+    shard = int(counts.argmax())
+    for name in ("a", "b"):
+        assert stage1_main(cfgs[name], shards=[shard]).shards_done == [shard]
+
+    cfg = cfgs["killed"]
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLER, str(REPO / "configs" / "demo.yaml"), str(shard), *config_overrides(cfg),
+         *OVERRIDES], cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert CacheReader(cfg.cache.path).part_status[shard] == "incomplete"
+    summary = stage1_main(cfg, shards=[shard])  # the dead writer's lease is stale: taken over
+    assert summary.shards_done == [shard]
+    report = verify_cache(cfg.cache.path, shards=[shard])
+    assert report.ok, [str(p) for p in report.problems]
+
+    a, b, resumed = (_rows(cfgs[n].cache.path, shard) for n in ("a", "b", "killed"))
+    assert len(resumed) == counts[shard] and sum(len(s.positions) for s in resumed.values()) > 0
+    between_runs, resumed_vs_a = disagreement(a, b), disagreement(a, resumed)
+    print(f"uninterrupted vs uninterrupted: {between_runs}; resumed vs uninterrupted: {resumed_vs_a}")
+    assert resumed_vs_a[0] <= between_runs[0] and resumed_vs_a[1] <= between_runs[1]
+
+
+@pytest.mark.engine
+def test_sampled_cache_made_with_vllm_capture_has_full_support(tmp_path, monkeypatch):
+    """`cache inspect` says support full for sampled rows from vLLM's engine capture: every draw is a token."""
+    import json
+    from pathlib import Path
+
+    from cache_schema import SamplingMeta, inspect_cache
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    cfg = demo_config(tmp_path, *OVERRIDES, "cache.rows=sampled", "cache.draws=16", "data.num_shards=8")
+    prepare_data(cfg, load_tokenizer("tiny-student"))
+    shards = [json.loads(line)["shard"] for line in Path(cfg.manifest).read_text().splitlines() if line.strip()]
+    shard = min(set(shards), key=shards.count)
+    assert stage1_main(cfg, shards=[shard]).shards_done == [shard]
+    report = verify_cache(cfg.cache.path, shards=[shard])
+    assert report.ok, [str(p) for p in report.problems]
+    reader = CacheReader(cfg.cache.path)
+    assert reader.meta.sampled == SamplingMeta(draws=16, seed=0, support_k=None)
+    assert reader.meta.teacher.backend == "vllm" and "capture=engine" in reader.meta.teacher.engine_version
+    info = inspect_cache(cfg.cache.path)
+    assert info["support"] == "full" and info["tail_draw_fraction"] == 0
+    s = reader[0]
+    assert (s.tail_mass == 0).all()
+    np.testing.assert_allclose(np.exp(s.topk_logprobs.astype(np.float64)).sum(axis=1), 1.0, atol=1e-6)
+
+
+@pytest.mark.engine
+@pytest.mark.distributed
+def test_data_parallel_ranks_on_the_cpu_engine(tmp_path, monkeypatch):
+    """teacher.data_parallel_size=2 with expert parallelism: two vLLM engines (one per DP rank) take the demo's
+    shards from one queue. vLLM 0.32's CPU engine starts both ranks and splits the experts (EP 2), then an MoE
+    step fails: the CPU communicator's all-to-all manager (allgather_reducescatter) calls all_gatherv, which the
+    CPU communicator does not implement (NotImplementedError); in one run here a rank had completed a part
+    before that. Then the job must stop, not hang, and every part marked complete must verify; where the
+    engine runs it, every part must be complete and verify."""
+    from common.errors import UserError
+
+    cfg = demo_config(tmp_path, "teacher.data_parallel_size=2", "teacher.enable_expert_parallel=true",
+                      "teacher.kv_cache_gib=1", "data.max_tokens=512")
+    prepare_data(cfg, load_tokenizer("tiny-student"))
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    with pytest.raises(UserError, match="needs vLLM's engine processes"):
+        stage1_main(cfg)
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING")
+    try:
+        summary = stage1_main(cfg)
+    except RuntimeError as e:
+        assert "stage 1 worker" in str(e) and "exited with code" in str(e)
+        try:
+            status = CacheReader(cfg.cache.path).part_status
+        except UserError:  # the ranks died before the store was created
+            status = {}
+        complete = [s for s, st in status.items() if st == "complete"]
+        assert not complete or verify_cache(cfg.cache.path, shards=complete).ok
+        pytest.xfail("vLLM 0.32 CPU: DP+EP stops at CpuCommunicator.all_gatherv (NotImplementedError)")
+    assert sorted(summary.shards_done) == list(range(cfg.data.num_shards))
+    assert verify_cache(cfg.cache.path).ok
