@@ -6,7 +6,7 @@ config next to its output (`save_resolved`).
 
 Every numeric field's range is declared in its section's `RANGES` (">= 1", "> 0", or an interval such as
 "[0, 1)"; None, where a field allows it, is always accepted) and checked on load, one line naming the field.
-A numeric field without a declared range fails tests/test_configs.py.
+A numeric field without a declared range fails tests/unit/test_configs.py.
 """
 
 from __future__ import annotations

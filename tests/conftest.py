@@ -1,4 +1,9 @@
-"""Shared fixtures. Expensive objects are session-scoped: the suite must stay under 10 minutes on 2 cores."""
+"""Shared fixtures. Expensive objects are session-scoped: the suite must stay under 10 minutes on 2 cores.
+
+Layers: tests/unit (in-process: random tensors against naive references, tiny models, the cache format, the
+config) and tests/integration (the real vLLM CPU engine, several gloo processes, whole pipeline stages). The
+markers cross both: `-m "not engine and not distributed"` skips every engine and multi-process test
+(unit/test_lora.py keeps its 2-process FSDP2 check, marked `distributed`, beside the helpers it shares)."""
 
 from __future__ import annotations
 

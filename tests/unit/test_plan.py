@@ -19,7 +19,7 @@ from common.errors import UserError
 from hyperdistill.cli import plan_cmd
 from hyperdistill.plan import format_plan, mean_context, plan_run
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 REAL = CONFIGS / "qwen3_coder.yaml"
 TWO_NODE = CONFIGS / "qwen3_coder_2node.yaml"
 

@@ -20,7 +20,7 @@ from common.errors import UserError
 from common.pretrain import heldout_code_texts, stream_rows, token_stream
 from common.tokenizer import FIRST_SPECIAL_ID, SPECIAL_TOKENS, chat_template_fingerprint, tokenizer_fingerprint
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 QWEN_VOCAB_ROWS = 151_936  # vocab_size in both real models' published config.json
 
 

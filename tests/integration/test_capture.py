@@ -16,7 +16,7 @@ import torch
 from common.errors import UserError
 from stage1_teacher.backend import make_backend
 from stage1_teacher.sampling import TAIL_DRAW, sample_uniforms
-from tests.test_backends import (  # noqa: F401 (fixtures)
+from tests.integration.test_backends import (  # noqa: F401 (fixtures)
     ATOL_ENGINES,
     K,
     _cfg,
@@ -175,7 +175,7 @@ def test_capture_sampled_rows_pass_chi_square_against_the_full_softmax(capture_b
 
 @pytest.mark.engine
 def test_capture_refuses_too_long_sequences(capture_backend):
-    from tests.test_backends import MAX_MODEL_LEN
+    from tests.integration.test_backends import MAX_MODEL_LEN
 
     seq = np.zeros(MAX_MODEL_LEN + 1, dtype=np.uint32)
     with pytest.raises(ValueError, match=f"sequence 1 has {MAX_MODEL_LEN + 1} tokens"):

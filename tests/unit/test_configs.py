@@ -11,7 +11,7 @@ import pytest
 from common import config as C
 from common.errors import UserError
 
-CONFIGS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.yaml"))
+CONFIGS = sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml"))
 
 
 def test_configs_exist():
