@@ -132,7 +132,8 @@ def _corpus():
     # Every usable bundled trajectory (resolved or not) is text the models should find familiar.
     trajectories, _ = load_trajectories(DataConfig(source="sample", resolved_only=False))
     renders = [tokenizer.apply_chat_template(t.messages, tools=t.tools, tokenize=False) for t in trajectories]
-    n_tokens = max(r.n_rows * r.seq_len + 1 for r in RECIPES.values())
+    # The demo's two models only: the testbed teacher reads its own corpus (_testbed_corpus).
+    n_tokens = max(RECIPES[name].n_rows * RECIPES[name].seq_len + 1 for name in TINY_NAMES)
     train = token_stream(tokenizer, training_documents(renders), n_tokens)
     heldout = token_stream(tokenizer, heldout_code_texts(), EVAL_ROWS * EVAL_SEQ_LEN + 1)
     return tokenizer, train, stream_rows(heldout, EVAL_SEQ_LEN)
