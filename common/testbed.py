@@ -20,9 +20,9 @@ about 300 tokens. Everything random (file, function, issue wording) comes from a
 `data.source: testbed:seen` (or `testbed:unseen`) reads them; the files are written once under
 $HYPERDISTILL_HOME/testbed/ (or the repository's .cache/hyperdistill/testbed/), like the tiny models.
 
-The teacher (`tiny-teacher-testbed`, common.tiny_models) is the demo's tiny-teacher recipe with the teacher split
-mixed into its corpus and more steps, so it has learned both conventions; the student is the demo's
-tiny-student, which has never seen a testbed trajectory.
+The teacher (`tiny-teacher-testbed`, common.tiny_models) is the demo's tiny-teacher shape trained on the teacher
+split, in rows long enough to hold a whole trajectory, so it has learned both conventions (`convention_accuracy`);
+the student is the demo's tiny-student, which has never seen a testbed trajectory.
 """
 
 from __future__ import annotations
@@ -211,12 +211,40 @@ def convention_spans(text: str, task: Task) -> dict[str, list[tuple[int, int]]]:
     return spans
 
 
+def task_of(repo: str) -> Task:
+    """The task whose repository is `repo` (KeyError for another name)."""
+    return {t.repo: t for t in TASKS}[repo]
+
+
+def convention_tokens(tokenizer, row: dict) -> tuple[list[int], dict[str, list[int]]]:
+    """(token ids of the rendered row, {convention: indices t of the tokens that decide it}) for one testbed row:
+    what a model must predict at t - 1 to follow the task's conventions. Per convention the first token that
+    overlaps its span (" cli" of "ls cli_app": it often starts before the span), and for the tool only the first
+    call's: under teacher forcing the later calls and the rest of each span follow from what is already in the
+    context, while these tokens follow from the repository's name alone.
+
+    The row is parsed as prepare-data parses it (tool-call arguments from their JSON strings to mappings), so the
+    text is the one stage 1 and stage 2 see: rendered raw, the template would write the arguments' JSON and no
+    `<parameter=...>` lines, and the folder and test-command spans would not be found."""
+    from common.trajectories import parse_row
+
+    traj = parse_row(row, row["trajectory_id"])
+    text = tokenizer.apply_chat_template(traj.messages, tools=traj.tools, tokenize=False)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    wanted = {}
+    for key, spans in convention_spans(text, task_of(row["repo"])).items():
+        lo, hi = spans[0]
+        wanted[key] = [next(t for t, (a, b) in enumerate(offsets) if a < hi and b > lo)]
+    return list(enc["input_ids"]), wanted
+
+
 def convention_accuracy(model, tokenizer, splits: tuple[str, ...] = ("seen", "unseen"), per_task: int = 2) -> dict:
-    """Teacher-forced top-1 accuracy of `model` on the tokens the conventions decide (`convention_spans`), per
-    split, from `per_task` trajectories of each task: how well a model has learned the testbed."""
+    """Teacher-forced top-1 accuracy of `model` on the tokens that decide the conventions (`convention_tokens`),
+    per split, from `per_task` trajectories of each task: how well a model has learned the testbed (chance, for a
+    model that knows the five tools and six test commands but not which task uses which: about 0.2 and 0.17)."""
     import torch
 
-    by_repo = {t.repo: t for t in TASKS}
     out = {}
     model.eval()
     for split in splits:
@@ -224,11 +252,8 @@ def convention_accuracy(model, tokenizer, splits: tuple[str, ...] = ("seen", "un
         rows = generate(split)
         rows = [r for i, r in enumerate(rows) if i % PER_TASK[split] < per_task]
         for row in rows:
-            text = tokenizer.apply_chat_template(row["trajectory"], tools=row["tools"], tokenize=False)
-            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            ids = torch.tensor(enc["input_ids"])
-            wanted = {key: [t for lo, hi in spans for t, (a, _) in enumerate(enc["offset_mapping"]) if lo <= a < hi and t]
-                      for key, spans in convention_spans(text, by_repo[row["repo"]]).items()}  # fmt: skip
+            ids, wanted = convention_tokens(tokenizer, row)
+            ids = torch.tensor(ids)
             with torch.no_grad():  # logits only where needed: [T, 151936] per trajectory is most of the cost
                 hidden = model.model(input_ids=ids[None]).last_hidden_state[0]
                 for key, tokens in wanted.items():

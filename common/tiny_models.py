@@ -110,10 +110,12 @@ def models_home() -> Path:
 RECIPES = {
     "tiny-teacher": PretrainRecipe(steps=100, seed=0),
     "tiny-student": PretrainRecipe(steps=32, seed=1),
-    # The tiny-teacher's shape and recipe on the testbed's teacher split (three seeded orders) and the bundled
-    # sample: ~445 tokens a trajectory, so 300 steps read each ~2.9 times, to learn every task's conventions
-    # (build report: `testbed`).
-    TESTBED_TEACHER: PretrainRecipe(steps=300, seed=0),
+    # The tiny-teacher's shape on the testbed's teacher split, in seeded orders: a trajectory renders to ~770
+    # tokens (the tools block alone ~440) and its repository name sits ~250 tokens before the test command it
+    # decides, so rows of 1024 tokens (with 256 the two were almost never in one row: test-command accuracy 0.02,
+    # first tool 0.2, chance) and enough passes (900 steps x 2048 tokens: each trajectory ~5 times) for the
+    # name -> convention lookup (build report: `testbed`).
+    TESTBED_TEACHER: PretrainRecipe(steps=900, batch_size=2, seq_len=1024, seed=0),
 }
 _CONFIGS = {"tiny-teacher": teacher_config, "tiny-student": student_config, TESTBED_TEACHER: teacher_config}
 # Held-out evaluation: rows of this many tokens from the held-out stdlib modules.
@@ -141,8 +143,8 @@ def _corpus():
 
 @functools.cache
 def _testbed_corpus():
-    """(tokenizer, training stream, held-out rows) for the testbed teacher: its teacher split rendered three times in
-    three seeded orders, then the bundled sample; held-out rows are the demo's (stdlib code)."""
+    """(tokenizer, training stream, held-out rows) for the testbed teacher: its teacher split rendered in as many
+    seeded orders as the recipe's tokens need; held-out rows are the demo's (stdlib code)."""
     import random
 
     from common.config import DataConfig
@@ -153,12 +155,20 @@ def _testbed_corpus():
     trajectories, _ = load_trajectories(DataConfig(source="testbed:teacher", resolved_only=False))
     sample, _ = load_trajectories(DataConfig(source="sample", resolved_only=False))
     renders = [tokenizer.apply_chat_template(t.messages, tools=t.tools, tokenize=False) for t in trajectories]
+    recipe = RECIPES[TESTBED_TEACHER]
+    n_tokens = recipe.n_rows * recipe.seq_len + 1
+    per_pass = sum(len(ids) + 1 for ids in tokenizer(renders, add_special_tokens=False)["input_ids"])
     docs = []
-    for seed in (0, 1, 2):
+    for seed in range(n_tokens // per_pass + 1):  # one pass more than the tokens need: the stream never runs dry
         docs += random.Random(seed).sample(renders, len(renders))
     docs += [tokenizer.apply_chat_template(t.messages, tools=t.tools, tokenize=False) for t in sample]
-    recipe = RECIPES[TESTBED_TEACHER]
-    return tokenizer, token_stream(tokenizer, docs, recipe.n_rows * recipe.seq_len + 1), heldout_rows
+    return tokenizer, token_stream(tokenizer, docs, n_tokens), heldout_rows
+
+
+def training_corpus(name: str):
+    """(tokenizer, training token stream, held-out rows) of tiny model `name`'s recipe (ValueError when its corpus
+    is shorter than the recipe's steps x batch x seq_len)."""
+    return _testbed_corpus() if name == TESTBED_TEACHER else _corpus()
 
 
 def _num_cores() -> int:
@@ -177,7 +187,7 @@ def write_tiny_model(name: str, folder: Path) -> dict:
 
     recipe = RECIPES[name]
     start = time.perf_counter()
-    tokenizer, train_stream, heldout_rows = _testbed_corpus() if name == TESTBED_TEACHER else _corpus()
+    tokenizer, train_stream, heldout_rows = training_corpus(name)
     threads = torch.get_num_threads()
     torch.set_num_threads(_num_cores())
     try:
