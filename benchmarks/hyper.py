@@ -1,0 +1,502 @@
+"""Does the hypernetwork earn its keep? Base student, static LoRA, hypernetwork and per-task oracle LoRAs on the
+task-family testbed (common/testbed.py), at equal optimizer steps.
+
+    python -m benchmarks.hyper [--quick] [--steps N] [--seeds 0 1 2] [--oracle-seen N] [--oracle-unseen N]
+                               [--workdir runs/bench-hyper] [--json out.json]
+
+1. Data, built once under the workdir and reused: the testbed teacher (common.tiny_models, on first use), then
+   prepare-data + stage 1 with the reference `hf` backend for two sources of configs/testbed.yaml:
+   - `seen`: the 24 seen tasks' stage-2 trajectories; data.heldout_fraction 0.25 holds out (by a hash of the id)
+     unseen trajectories of seen tasks: held-out set "seen tasks";
+   - `unseen`: the 6 tasks no stage-2 training run sees; data.heldout_fraction 0.5: the held-out half is the set
+     "unseen tasks", and the other half is what each unseen task's oracle trains on.
+2. Training runs, one process (no FSDP) each, all with the same budget: --steps optimizer steps of batch
+   train.batch_size, configs/testbed.yaml's lr, warm-up and cosine schedule (cut to --steps), the same loss:
+   - static: `hyper.mode=static` on every training trajectory of the seen tasks, one run per seed;
+   - hypernetwork: the same data, one run per seed;
+   - oracle: per task, a static LoRA trained only on that task's own training trajectories (seed 0), evaluated
+     on that task's held-out trajectories only. A subset of the tasks (--oracle-seen, --oracle-unseen; the first
+     ones in the testbed's order with at least 2 held-out and 2 training trajectories): one run per task costs as
+     much as a static run.
+   The base student is the static run's model before its first step (B = 0: exactly the frozen student).
+3. The yardstick of benchmarks/teach.py: the Trainer's held-out evaluation with train.eval_teacher, i.e. the
+   forward KL(teacher || student) over the full vocabulary at every cached row, per task; and the teacher-forced
+   top-1 accuracy on the tokens the task's conventions decide (shell tool, source folder, test command:
+   common.testbed.convention_tokens), where the task-dependence lives. For the hypernetwork also how much its
+   LoRA differs between tasks (`delta_spread`).
+
+Prints a markdown table (per method: KL per held-out set, the share of the oracle's KL reduction
+(base - method) / (base - oracle) on the oracle tasks of each set, convention accuracy; mean (min–max) over seeds)
+and writes every raw figure as JSON (--json, default WORKDIR/hyper.json). Training runs are always redone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import statistics
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks.output import write_json
+
+REPO = Path(__file__).resolve().parent.parent
+TESTBED_CONFIG = REPO / "configs" / "testbed.yaml"
+SETS = ("seen", "unseen")
+"""The held-out sets: unseen trajectories of seen tasks, and unseen tasks; each is also a cache of its own."""
+HELDOUT_FRACTION = {"seen": 0.25, "unseen": 0.5}
+CONVENTIONS = ("tool", "source_dir", "test_command")
+
+
+@dataclass(frozen=True)
+class Settings:
+    steps: int
+    """Optimizer steps of every training run."""
+    batch_size: int
+    """train.batch_size of every run (trajectories per step; also the held-out batches)."""
+    seeds: tuple[int, ...]
+    """train.seed of the static and hypernetwork runs (initialisation and data order)."""
+    oracle_seen: int
+    """Seen tasks that get an oracle LoRA (the first eligible ones in the testbed's task order)."""
+    oracle_unseen: int
+    """Unseen tasks that get an oracle LoRA."""
+    threads: int
+    """torch threads."""
+
+
+# About 35 minutes on the 2-core VM (measured: see BENCHMARKS.md).
+FULL = Settings(steps=30, batch_size=2, seeds=(0, 1, 2), oracle_seen=3, oracle_unseen=3, threads=2)
+QUICK = Settings(steps=2, batch_size=2, seeds=(0,), oracle_seen=1, oracle_unseen=1, threads=2)
+
+
+# ---- data ----------------------------------------------------------------------------------------------------
+
+
+def set_overrides(name: str, workdir: Path) -> list[str]:
+    """configs/testbed.yaml pointed at one source's manifest and cache under the workdir."""
+    return [
+        f"data.source=testbed:{name}",
+        f"data.heldout_fraction={HELDOUT_FRACTION[name]}",
+        f"manifest={workdir / name / 'manifest.jsonl'}",
+        f"cache.path={workdir / name / 'cache.zarr'}",
+        "teacher.backend=hf",
+    ]
+
+
+def build_data(workdir: Path) -> None:
+    """prepare-data + stage 1 for both sources, unless a complete cache is there (stage 1 skips complete parts)."""
+    from common.config import load_config
+    from common.manifest import prepare_data
+    from common.models import load_tokenizer
+    from stage1_teacher.run import main as stage1_main
+
+    for name in SETS:
+        cfg = load_config(TESTBED_CONFIG, set_overrides(name, workdir))
+        if not Path(cfg.manifest).exists():
+            prepare_data(cfg, load_tokenizer(cfg.student.model))
+        stage1_main(cfg)
+
+
+@dataclass
+class HeldoutSet:
+    """One source's cache, its manifest split by task, and the convention tokens of its samples."""
+
+    reader: object
+    train: dict[str, list[int]]
+    """task repo -> cache indices of its training trajectories"""
+    heldout: dict[str, list[int]]
+    """task repo -> cache indices of its held-out trajectories"""
+    conventions: dict[int, dict[str, list[int]]]
+    """cache index -> {convention: token indices t it decides}"""
+
+
+def load_set(name: str, workdir: Path, tokenizer) -> HeldoutSet:
+    from cache_schema import CacheReader
+    from common import testbed
+    from stage2_student.data import manifest_split
+
+    cfg_manifest, cache = workdir / name / "manifest.jsonl", workdir / name / "cache.zarr"
+    reader = CacheReader(str(cache))
+    train_idx, heldout_idx = manifest_split(reader, str(cfg_manifest))
+    rows = {r["trajectory_id"]: r for r in testbed.generate(name)}
+    train, heldout, conventions = defaultdict(list), defaultdict(list), {}
+    for idx, target in ((train_idx, train), (heldout_idx, heldout)):
+        for i in idx:
+            row = rows[reader.sample_ids[i]]
+            target[row["repo"]].append(i)
+            ids, wanted = testbed.convention_tokens(tokenizer, row)
+            if list(reader[i].input_ids) != ids:  # the positions are those of the rendered text: they must agree
+                raise RuntimeError(f"{reader.sample_ids[i]}: cached input_ids differ from the testbed's render")
+            conventions[i] = wanted
+    return HeldoutSet(reader, dict(train), dict(heldout), conventions)
+
+
+def oracle_tasks(sets: dict[str, HeldoutSet], s: Settings) -> dict[str, list[str]]:
+    """Per set, the tasks that get an oracle: the first in the testbed's order with >= 2 training and >= 2 held-out
+    trajectories (so the oracle has something to learn from and is measured on more than one trajectory)."""
+    from common import testbed
+
+    out = {}
+    for name, count in (("seen", s.oracle_seen), ("unseen", s.oracle_unseen)):
+        hs = sets[name]
+        eligible = [t.repo for t in testbed.TASKS
+                    if len(hs.train.get(t.repo, ())) >= 2 and len(hs.heldout.get(t.repo, ())) >= 2]  # fmt: skip
+        out[name] = eligible[:count]
+    return out
+
+
+# ---- evaluation ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalBatch:
+    """One held-out batch of one task, with what the teacher says about it (computed once for every run)."""
+
+    batch: object
+    teacher_rows: object
+    """losses.TeacherRows: the teacher's last hidden states at the batch's rows and its lm_head"""
+    wanted: list[dict[str, list[int]]]
+    """per sample, {convention: token indices t that decide it}"""
+
+
+def _hits(head, hidden: torch.Tensor, input_ids: torch.Tensor, wanted: list[dict[str, list[int]]]) -> dict:
+    """{convention: [hits, tokens]}: teacher-forced argmax at t - 1 == the token at t."""
+    hits = {k: [0, 0] for k in CONVENTIONS}
+    for i, w in enumerate(wanted):
+        for key, tokens in w.items():
+            at = torch.tensor(tokens)
+            hits[key][0] += int((head(hidden[i, at - 1]).argmax(-1) == input_ids[i, at]).sum())
+            hits[key][1] += len(tokens)
+    return hits
+
+
+def _add(into: dict, hits: dict) -> None:
+    for key, (h, n) in hits.items():
+        into[key][0] += h
+        into[key][1] += n
+
+
+@torch.no_grad()
+def prepare_eval(teacher, hs: HeldoutSet, tasks: list[str], batch_size: int, seq_len: int, pad_id: int):
+    """Per task, its held-out batches with the teacher's rows (one teacher forward per batch for the whole
+    benchmark), and the teacher's own convention hits."""
+    from stage2_student.data import eval_batches, make_loader
+    from stage2_student.losses import TeacherRows
+
+    out, teacher_hits = {}, {}
+    for repo in tasks:
+        batches, _ = eval_batches(hs.heldout[repo], batch_size, 0, 1)
+        items, hits = [], {k: [0, 0] for k in CONVENTIONS}
+        for idx, batch in zip(batches, make_loader(hs.reader, batches, seq_len, pad_id, 0, False)):
+            hidden = teacher.decoder(input_ids=batch.input_ids, use_cache=False).last_hidden_state  # [N, T, Ht]
+            wanted = [hs.conventions[i] for i in idx]
+            rows = TeacherRows(hidden[batch.row_sample, batch.row_position], teacher.lm_head.weight)
+            items.append(EvalBatch(batch, rows, wanted))
+            _add(hits, _hits(teacher.lm_head, hidden, batch.input_ids, wanted))
+        out[repo], teacher_hits[repo] = items, hits
+    return out, teacher_hits
+
+
+@torch.no_grad()
+def evaluate_tasks(model, prepared: dict[str, list[EvalBatch]]) -> dict[str, dict]:
+    """Per task: the held-out full-vocabulary KL(teacher || student) and top-1 agreement with the teacher's argmax
+    (`distill_loss` of kind FULL_VOCAB, what Trainer.evaluate reports as kl_full / top1_full with
+    train.eval_teacher, the yardstick of benchmarks/teach.py), and the convention hits; one student forward per
+    batch serves both (DistillModel.forward's steps, keeping the hidden states)."""
+    from stage2_student.losses import FULL_VOCAB, distill_loss
+
+    model.eval()
+    out = {}
+    for repo, items in prepared.items():
+        kl = top1 = rows = 0.0
+        hits = {k: [0, 0] for k in CONVENTIONS}
+        for item in items:
+            b = item.batch
+            with model.lora_scope():
+                model.injector.set(model.lora_weights(b.prompt_ids, b.prompt_mask))
+                hidden = model.student.model(input_ids=b.input_ids, use_cache=False).last_hidden_state  # [N, T, H]
+                full = distill_loss(FULL_VOCAB, hidden[b.row_sample, b.row_position], model.student.lm_head.weight,
+                                    teacher=item.teacher_rows, temperature=model.loss.temperature,
+                                    chunk=model.loss.chunk)  # fmt: skip
+                _add(hits, _hits(model.student.lm_head, hidden, b.input_ids, item.wanted))
+            kl += full.loss.sum().item()
+            top1 += full.top1_agree.sum().item()
+            rows += full.loss.numel()
+        out[repo] = {"kl_full": kl / max(rows, 1), "top1_full": top1 / max(rows, 1), "rows": rows, "conventions": hits}
+    model.train()
+    return out
+
+
+@torch.no_grad()
+def delta_spread(model, sets: dict[str, HeldoutSet]) -> dict[str, float]:
+    """How much the hypernetwork's LoRA depends on the task: per target, the generated deltas s * B A for two
+    prompts of every task (two trajectories' first user messages: the same repository, different issues);
+    between = RMS over tasks of ||mean of the task's deltas - mean over all||, within = RMS over tasks of
+    ||delta(prompt 1) - delta(prompt 2)|| / sqrt(2), both relative to ||mean over all||; means over targets."""
+    prompts = []
+    for hs in sets.values():
+        for repo, idx in hs.train.items():
+            both = (idx + hs.heldout.get(repo, []))[:2]
+            if len(both) == 2:
+                prompts += [torch.as_tensor(hs.reader[i].prompt_ids, dtype=torch.long) for i in both]
+    n = len(prompts) // 2
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)], mask[i, : len(p)] = p, True
+    model.eval()
+    lora = model.lora_weights(ids, mask)
+    model.train()
+    between, within = [], []
+    for a, b in lora.values():
+        delta = (model.hypernet.lora_scale * b.float() @ a.float()).view(n, 2, -1)  # [tasks, 2 prompts, out * in]
+        overall = delta.mean((0, 1)).norm().clamp(min=1e-12)
+        between.append(((delta.mean(1) - delta.mean((0, 1))).norm(dim=-1).pow(2).mean().sqrt() / overall).item())
+        within.append(((delta[:, 0] - delta[:, 1]).norm(dim=-1).pow(2).mean().sqrt() / 2**0.5 / overall).item())
+    return {"tasks": n, "between_tasks": statistics.fmean(between), "within_task": statistics.fmean(within)}
+
+
+# ---- training runs -------------------------------------------------------------------------------------------
+
+
+def run_config(s: Settings, workdir: Path, source: str, name: str, mode: str, seed: int):
+    from common.config import load_config
+
+    out = workdir / "train" / name
+    shutil.rmtree(out, ignore_errors=True)  # a leftover checkpoint would be resumed, not retrained
+    return load_config(TESTBED_CONFIG, [
+        *set_overrides(source, workdir), f"hyper.mode={mode}", f"train.seed={seed}", f"train.output_dir={out}",
+        f"train.max_steps={s.steps}",
+        # Enough passes for the smallest training set (an oracle's 2-6 trajectories) to fill --steps; max_steps
+        # cuts every run at the same step, and the cosine schedule follows max_steps.
+        f"train.phases=[{{name: main, epochs: {max(4, 4 * s.steps)}, seq_len: 1024}}]",
+        f"train.batch_size={s.batch_size}", "train.eval_every=1000000", "train.checkpoint_every=1000000",
+        "train.log_every=10",
+    ])  # fmt: skip
+
+
+def train_and_evaluate(cfg, only: list[int], evals: dict[str, dict], base: bool = False,
+                       spread_sets: dict[str, HeldoutSet] | None = None) -> dict:
+    """Train on cache indices `only` (nothing held out inside the run: every evaluation is ours, on the prepared
+    batches `evals` {set: {task: [EvalBatch]}}); with `base`, also evaluate before the first step (B = 0: the
+    base student)."""
+    from stage2_student.distributed import DistEnv
+    from stage2_student.train import Trainer
+
+    def split(_sample_ids, _train, _heldout):
+        return list(only), []
+
+    t0 = time.perf_counter()
+    result = {}
+    with Trainer(cfg, DistEnv(0, 1, 0, torch.device("cpu"), "gloo"), split=split) as trainer:
+        if base:
+            result["base"] = {n: evaluate_tasks(trainer.model, prepared) for n, prepared in evals.items()}
+        t1 = time.perf_counter()
+        trainer.train()
+        result["train_s"] = time.perf_counter() - t1
+        result["after"] = {n: evaluate_tasks(trainer.model, prepared) for n, prepared in evals.items()}
+        if spread_sets is not None:
+            result["delta_spread"] = delta_spread(trainer.model, spread_sets)
+    shutil.rmtree(Path(cfg.train.output_dir) / "checkpoints", ignore_errors=True)  # MBs per run, never read
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def run(s: Settings, workdir: Path) -> dict:
+    from common.models import load_tokenizer, resolve_model
+    from common.tiny_models import TESTBED_TEACHER
+    from common.tokenizer import PADDED_VOCAB_SIZE
+    from stage2_student.train import ResidentTeacher
+
+    torch.set_num_threads(s.threads)
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    resolve_model(TESTBED_TEACHER)  # built on first use (a few minutes), then cached
+    build_data(workdir)
+    data_s = time.perf_counter() - t0
+    tokenizer = load_tokenizer("tiny-student")
+    sets = {name: load_set(name, workdir, tokenizer) for name in SETS}
+    oracles = oracle_tasks(sets, s)
+    cfg = run_config(s, workdir, "seen", "prepare", "static", 0)
+    teacher = ResidentTeacher(cfg, PADDED_VOCAB_SIZE, torch.device("cpu"))
+    eval_bs, seq_len = cfg.train.batch_size, max(p.seq_len for p in cfg.train.phases)
+    prepared, teacher_hits = {}, {}
+    for name, hs in sets.items():
+        prepared[name], teacher_hits[name] = prepare_eval(teacher, hs, sorted(hs.heldout), eval_bs, seq_len,
+                                                          tokenizer.pad_token_id)  # fmt: skip
+    del teacher
+    seen_train = sorted(i for idx in sets["seen"].train.values() for i in idx)
+    runs: dict[str, list[dict]] = {"static": [], "hypernetwork": []}
+    base = None
+    for seed in s.seeds:  # seeds outermost: a cut-short run still has both methods at the first seeds
+        for mode in ("static", "hypernetwork"):
+            cfg = run_config(s, workdir, "seen", f"{mode}-seed{seed}", mode, seed)
+            r = train_and_evaluate(cfg, seen_train, prepared, base=base is None,
+                                   spread_sets=sets if mode == "hypernetwork" else None)  # fmt: skip
+            base = base or r.pop("base")
+            runs[mode].append({"seed": seed, **r})
+            print(f"{mode} seed {seed}: KL seen {aggregate(r['after']['seen'])['kl_full']:.4f}, "
+                  f"unseen {aggregate(r['after']['unseen'])['kl_full']:.4f} in {r['seconds']:.0f} s",
+                  file=sys.stderr, flush=True)  # fmt: skip
+    for name in SETS:
+        for repo, hits in teacher_hits[name].items():
+            base[name][repo]["teacher_conventions"] = hits
+    oracle: dict[str, dict] = {name: {} for name in SETS}
+    for name in SETS:
+        for repo in oracles[name]:
+            cfg = run_config(s, workdir, name, f"oracle-{name}-{repo.replace('/', '__')}", "static", 0)
+            r = train_and_evaluate(cfg, sets[name].train[repo], {name: {repo: prepared[name][repo]}})
+            oracle[name][repo] = {"train_trajectories": len(sets[name].train[repo]), "train_s": r["train_s"],
+                                  "seconds": r["seconds"], **r["after"][name][repo]}  # fmt: skip
+            print(f"oracle {repo}: KL {oracle[name][repo]['kl_full']:.4f} (base {base[name][repo]['kl_full']:.4f})",
+                  file=sys.stderr, flush=True)  # fmt: skip
+    return {
+        "settings": dataclasses.asdict(s),
+        "teacher_build": _build_report(),
+        "heldout": {name: {repo: len(idx) for repo, idx in sets[name].heldout.items()} for name in SETS},
+        "train_trajectories": {name: {repo: len(idx) for repo, idx in sets[name].train.items()} for name in SETS},
+        "oracle_tasks": oracles,
+        "base": base,
+        "runs": runs,
+        "oracle": oracle,
+        "data_s": data_s,
+        "total_s": time.perf_counter() - t0,
+    }
+
+
+def _build_report() -> dict:
+    import json
+
+    from common.models import resolve_model
+    from common.tiny_models import REPORT_FILE, TESTBED_TEACHER
+
+    return json.loads((Path(resolve_model(TESTBED_TEACHER)) / REPORT_FILE).read_text())
+
+
+# ---- figures --------------------------------------------------------------------------------------------------
+
+
+def aggregate(per_task: dict[str, dict], tasks: list[str] | None = None, key: str = "conventions") -> dict:
+    """Row-weighted KL and top-1 over `tasks` (default: all), and the convention accuracy over their tokens."""
+    tasks = list(per_task) if tasks is None else tasks
+    rows = sum(per_task[t]["rows"] for t in tasks)
+    hits = sum(per_task[t][key][c][0] for t in tasks for c in CONVENTIONS)
+    n = sum(per_task[t][key][c][1] for t in tasks for c in CONVENTIONS)
+    return {
+        "kl_full": sum(per_task[t]["kl_full"] * per_task[t]["rows"] for t in tasks) / rows,
+        "top1_full": sum(per_task[t]["top1_full"] * per_task[t]["rows"] for t in tasks) / rows,
+        "rows": rows,
+        "conventions": hits / max(n, 1),
+        "convention_tokens": n,
+    }
+
+
+def summary(r: dict) -> dict:
+    """Per method and set: KL over every held-out task, share of the oracle's KL reduction on the oracle tasks,
+    convention accuracy; lists over seeds."""
+    base, oracle = r["base"], r["oracle"]
+    out: dict[str, dict] = {"base": {}, "teacher": {}, "oracle": {}}
+    for name in SETS:
+        tasks = r["oracle_tasks"][name]
+        out["base"][name] = {"kl": [aggregate(base[name])["kl_full"]], "conv": [aggregate(base[name])["conventions"]]}
+        out["teacher"][name] = {"conv": [aggregate(base[name], key="teacher_conventions")["conventions"]]}
+        if tasks:
+            base_o = aggregate(base[name], tasks)["kl_full"]
+            oracle_o = aggregate(oracle[name], tasks)
+            out["oracle"][name] = {"kl_oracle_tasks": [oracle_o["kl_full"]], "share": [1.0],
+                                   "conv": [oracle_o["conventions"]], "base_oracle_tasks": base_o}  # fmt: skip
+        for method, runs in r["runs"].items():
+            m = out.setdefault(method, {}).setdefault(name, {"kl": [], "conv": [], "share": [], "kl_oracle_tasks": []})
+            for run_ in runs:
+                after = run_["after"][name]
+                m["kl"].append(aggregate(after)["kl_full"])
+                m["conv"].append(aggregate(after)["conventions"])
+                if tasks:
+                    kl_o = aggregate(after, tasks)["kl_full"]
+                    m["kl_oracle_tasks"].append(kl_o)
+                    m["share"].append((base_o - kl_o) / (base_o - oracle_o["kl_full"]))
+    return out
+
+
+def _fmt(values: list[float], fmt: str = "{:.4f}", scale: float = 1.0) -> str:
+    if not values:
+        return "—"
+    mean, lo, hi = (fmt.format(scale * x) for x in (statistics.fmean(values), min(values), max(values)))
+    return mean if len(values) == 1 else f"{mean} ({lo}–{hi})"
+
+
+def table_md(r: dict) -> str:
+    sm = summary(r)
+    s = r["settings"]
+    head = ["method", "runs", "KL seen tasks (held-out trajectories)", "KL unseen tasks",
+            "share of oracle's reduction, seen", "share, unseen", "convention top-1, seen", "convention top-1, unseen"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    counts = {"base": "—", "teacher": "—", "oracle": "1 per task, seed 0",
+              "static": f"seeds {', '.join(map(str, s['seeds']))}", "hypernetwork": f"seeds {', '.join(map(str, s['seeds']))}"}  # fmt: skip
+    for method in ("teacher", "base", "static", "hypernetwork", "oracle"):
+        m = sm[method]
+        cells = [method, counts[method]]
+        for name in SETS:
+            if method == "oracle":
+                cells.append(f"{_fmt(m[name]['kl_oracle_tasks'])} (its tasks; base {m[name]['base_oracle_tasks']:.4f})"
+                             if name in m else "—")  # fmt: skip
+            else:
+                cells.append(_fmt(m[name].get("kl", [])) if method != "teacher" else "0")
+        for name in SETS:
+            cells.append(_fmt(m[name]["share"], "{:.0f}", 100) + " %" if name in m and "share" in m[name] else "—")
+        for name in SETS:
+            cells.append(_fmt(m[name]["conv"], "{:.3f}") if name in m else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [""]
+    for name in SETS:
+        rows = aggregate(r["base"][name])
+        notes.append(f"- {name}: {sum(r['heldout'][name].values())} held-out trajectories of {len(r['heldout'][name])} "
+                     f"tasks, {rows['rows']:.0f} rows, {rows['convention_tokens']} convention tokens; oracle tasks "
+                     f"({len(r['oracle_tasks'][name])}): {', '.join(r['oracle_tasks'][name])}")  # fmt: skip
+    spreads = [x["delta_spread"] for x in r["runs"]["hypernetwork"] if "delta_spread" in x]
+    if spreads:
+        notes.append("- hypernetwork LoRA, between-task spread / within-task spread (relative to the mean delta): "
+                     + ", ".join(f"{x['between_tasks']:.3f} / {x['within_task']:.3f}" for x in spreads))
+    train_s = [x["train_s"] for runs in r["runs"].values() for x in runs]
+    notes.append(f"- {s['steps']} optimizer steps per run; train {statistics.fmean(train_s):.0f} s per run (mean); "
+                 f"data {r['data_s'] / 60:.1f} min; total {r['total_s'] / 60:.1f} min")
+    return "\n".join(lines + notes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 steps, one seed, one oracle per set: a smoke run")
+    parser.add_argument("--steps", type=int, help="override the optimizer steps per run")
+    parser.add_argument("--seeds", type=int, nargs="+", help="override the seeds of static and hypernetwork")
+    parser.add_argument("--oracle-seen", type=int, help="override the number of seen tasks with an oracle")
+    parser.add_argument("--oracle-unseen", type=int, help="override the number of unseen tasks with an oracle")
+    parser.add_argument("--workdir", default=str(REPO / "runs" / "bench-hyper"), help="caches and runs go here")
+    parser.add_argument("--json", dest="json_path", help="raw results (default: WORKDIR/hyper.json)")
+    parser.add_argument("--table", metavar="JSON", help="only print the table of a previous --json output")
+    args = parser.parse_args(argv)
+    if args.table:
+        import json
+
+        print(table_md(json.loads(Path(args.table).read_text())))
+        return 0
+    s = QUICK if args.quick else FULL
+    for field, value in (("steps", args.steps), ("seeds", tuple(args.seeds or ()) or None),
+                         ("oracle_seen", args.oracle_seen), ("oracle_unseen", args.oracle_unseen)):  # fmt: skip
+        if value is not None:
+            s = dataclasses.replace(s, **{field: value})
+    workdir = Path(args.workdir).resolve()
+    result = run(s, workdir)
+    write_json(result, args.json_path or str(workdir / "hyper.json"))
+    print(table_md(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
