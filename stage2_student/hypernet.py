@@ -196,5 +196,7 @@ class HyperNetwork(nn.Module):
             a = self.heads_a[key].as_a(hg)  # [N, T_g, r, d_in]
             b = self.heads_b[key].as_b(hg)  # [N, T_g, d_out, r]
             for i, t in enumerate(group):
-                out[t.name] = (a[:, i], b[:, i])
+                # clone(): a slice is a view, and FSDP2 warns about (and would mishandle an in-place op on) a view
+                # returned from a wrapped module's forward; each target's A and B get their own memory instead.
+                out[t.name] = (a[:, i].clone(), b[:, i].clone())
         return out

@@ -48,10 +48,11 @@ class StaticLoRA(nn.Module):
         n = prompt_embeds.shape[0]
         out = {}
         for t in self.targets:
-            # clone(): under FSDP2 the unsharded parameters are freed when this module reshards after its
-            # forward, and the injector reads A and B later (and again in backward); a copy owns its memory.
-            a, b = self.a[_key(t.name)].clone(), self.b[_key(t.name)].clone()
-            out[t.name] = (a.expand(n, -1, -1), b.expand(n, -1, -1))
+            # repeat(), not expand(): under FSDP2 the unsharded parameters are freed when this module reshards after
+            # its forward, and the injector reads A and B later (and again in backward), so the output must own its
+            # memory; and it must not be a view either (FSDP2 warns about views returned from a wrapped forward).
+            a, b = self.a[_key(t.name)], self.b[_key(t.name)]
+            out[t.name] = (a.unsqueeze(0).repeat(n, 1, 1), b.unsqueeze(0).repeat(n, 1, 1))
         return out
 
     def optimizer_groups(self) -> list[dict]:
