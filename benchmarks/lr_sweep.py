@@ -1,7 +1,8 @@
-"""Learning-rate sweep of stage 2 on the demo: held-out KL and the size of the LoRA deltas, per lr.
+"""Learning-rate sweep of stage 2 (the demo, or another config: configs/testbed.yaml): held-out KL and the size of
+the LoRA deltas, per lr.
 
     python -m benchmarks.lr_sweep [--lrs 1e-4 3e-4 1e-3] [--steps 30] [--config configs/demo.yaml]
-                                  [--workdir runs/lr-sweep] [--set KEY=VALUE ...] [--json out.json]
+                                  [--workdir runs/lr-sweep/CONFIG_NAME] [--set KEY=VALUE ...] [--json out.json]
 
 For each lr, one training run in this process (one rank, no FSDP) from scratch, on the config's cache (built
 first with the reference HF backend under the workdir when it does not exist: prepare-data + stage 1), with
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3])
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--workdir", default=str(REPO / "runs" / "lr-sweep"))
+    parser.add_argument("--workdir", help="manifest, cache and runs (default: runs/lr-sweep/ + the config's file name "
+                        "without .yaml: each config its own cache)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", dest="json_path")
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from common.config import load_config
 
-    workdir = Path(args.workdir).resolve()
+    workdir = Path(args.workdir or REPO / "runs" / "lr-sweep" / Path(args.config).stem).resolve()
     if workdir == (REPO / "runs" / "demo").resolve():
         print("error: --workdir must not be runs/demo (the demo's own outputs)", file=sys.stderr)
         return 2
