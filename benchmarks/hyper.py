@@ -19,11 +19,12 @@ task-family testbed (common/testbed.py), at equal optimizer steps.
      ones in the testbed's order with at least 2 held-out and 2 training trajectories): one run per task costs as
      much as a static run.
    The base student is the static run's model before its first step (B = 0: exactly the frozen student).
-3. The yardstick of benchmarks/teach.py: the Trainer's held-out evaluation with train.eval_teacher, i.e. the
-   forward KL(teacher || student) over the full vocabulary at every cached row, per task; and the teacher-forced
-   top-1 accuracy on the tokens the task's conventions decide (shell tool, source folder, test command:
-   common.testbed.convention_tokens), where the task-dependence lives. For the hypernetwork also how much its
-   LoRA differs between tasks (`delta_spread`).
+3. The yardstick of benchmarks/teach.py: held-out forward KL(teacher || student) over the full vocabulary at
+   every cached row (`distill_loss` of kind FULL_VOCAB, what Trainer.evaluate reports as kl_full with
+   train.eval_teacher), per task, with the teacher's rows computed once for all runs; and, from the same student
+   forward, the teacher-forced top-1 accuracy on the tokens that decide the task's conventions (first tool call,
+   source folder, test command: common.testbed.convention_tokens), where the task-dependence lives. For the
+   hypernetwork also how much its LoRA differs between tasks (`delta_spread`).
 
 Prints a markdown table (per method: KL per held-out set, the share of the oracle's KL reduction
 (base - method) / (base - oracle) on the oracle tasks of each set, convention accuracy; mean (min–max) over seeds)

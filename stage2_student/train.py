@@ -219,16 +219,14 @@ class Trainer:
         return sums.reduced(distributed.all_reduce_sum, self.env.device), grad_norm
 
     @torch.no_grad()
-    def evaluate(self, loader=None, counted=None) -> dict[str, float]:
+    def evaluate(self) -> dict[str, float]:
         """Held-out forward KL (tail bucket) to the cache, top-1 agreement and tail mass, summed over rows on all
         ranks; with a resident teacher also the full-vocabulary KL to it ("kl_full") and top-1 agreement with its
-        argmax ("top1_full"). Both KLs at train.temperature, like the training loss. `loader` and `counted`
-        (make_loader and eval_batches's flags) evaluate other batches instead of the held-out split."""
+        argmax ("top1_full"). Both KLs at train.temperature, like the training loss."""
         model, teacher = self.model, self.eval_teacher
-        loader, counted = (self.eval_loader, self.counted) if loader is None else (loader, counted)
         model.eval()
         sums = Sums(*EVAL_SUMS, *(EVAL_TEACHER_SUMS if teacher is not None else ()))
-        for batch, count in zip(loader, counted):
+        for batch, count in zip(self.eval_loader, self.counted):
             batch = batch.to(self.env.device)
             with model.lora_scope():
                 out = model(batch, kind=EVAL_KIND)
