@@ -1,7 +1,8 @@
 """A part is reported complete only when every array of it is on the store, and `cache verify` passes every part
 that is: a part with no samples (a shard the data left empty) or with samples that store no rows, a write that
 fails at any point of a part, and a writer SIGKILLed at any of its last writes (the part never reads complete;
-the next writer rewrites it to the same content).
+the next writer rewrites it to the same content). And a stage-1 option this vLLM cannot run on CPU
+(batch-invariant mode) is refused before the job touches the cache.
 
 The faults go through `FaultyStore`, a real zarr LocalStore wrapped (zarr's WrapperStore) so that its n-th write
 fails or kills the process before it reaches the disk; everything else is the real writer, reader and verify."""
@@ -175,3 +176,19 @@ def test_a_writer_killed_at_its_last_writes_never_leaves_a_complete_part(tmp_pat
         assert store.part_status(0) == "complete"
         assert verify_cache(path, shards=[0]).ok
         assert_same(content(path), expected)
+
+
+def test_batch_invariant_mode_on_cpu_exits_2_with_one_line_naming_the_way_out(tmp_path):
+    """Refused before the manifest is read or an engine starts: vLLM 0.32's batch-invariant kernels are GPU/XPU
+    ones (its CPU MoE backend refuses the mode after start-up)."""
+    cli = [sys.executable, "-m", "hyperdistill.cli", "teacher-cache", "--config", str(REPO / "configs" / "demo.yaml"),
+           "--set", "teacher.batch_invariant=true", "--set", f"cache.path={tmp_path / 'c.zarr'}",
+           "--set", f"manifest={tmp_path / 'manifest.jsonl'}"]
+    run = subprocess.run(cli, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2, run.stderr[-2000:]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [run.stderr.strip().splitlines()[-1]]
+    assert errors[0].startswith("error: teacher.batch_invariant: ") and "no CPU kernels" in errors[0]
+    assert "set teacher.batch_invariant: false" in errors[0]
+    assert not (tmp_path / "c.zarr").exists()
