@@ -192,3 +192,20 @@ def test_batch_invariant_mode_on_cpu_exits_2_with_one_line_naming_the_way_out(tm
     assert errors[0].startswith("error: teacher.batch_invariant: ") and "no CPU kernels" in errors[0]
     assert "set teacher.batch_invariant: false" in errors[0]
     assert not (tmp_path / "c.zarr").exists()
+
+
+def test_a_stage1_shard_the_data_leaves_empty_gets_a_complete_part_that_verifies(tmp_path):
+    """The demo cut to 512 tokens leaves shard 1 without samples: its job writes a complete, empty part (no
+    engine step) that verifies like the others (it failed chunks_missing on every offsets array before)."""
+    from common.manifest import load_manifest, prepare_data
+    from common.models import load_tokenizer
+    from stage1_teacher.run import main as stage1_main
+    from tests.pipeline_helpers import demo_config
+
+    cfg = demo_config(tmp_path, "teacher.backend=hf", "data.max_tokens=512")
+    prepare_data(cfg, load_tokenizer(cfg.student.model))
+    assert [e["shard"] for e in load_manifest(cfg.manifest)].count(1) == 0
+    summary = stage1_main(cfg, shards=[1])
+    assert summary.shards_done == [1] and summary.samples == 0
+    report = verify_cache(cfg.cache.path, shards=[1])
+    assert report.ok and report.parts_complete == 1, report.problems
