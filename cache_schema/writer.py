@@ -208,6 +208,10 @@ class PartWriter:
         self._held: list[tuple[str, dict[str, np.ndarray]]] = []  # validated samples waiting for the id table
         self._held_rows = 0
         self._appenders: dict[str, _Appender] = {}
+        # The arrays as created, with write_empty_chunks on: a handle re-opened from the group gets zarr's
+        # default (off), and then a chunk equal to the fill value (the offsets [0] of an empty part, a run of
+        # zero-row samples) is never written and the complete part fails verify's chunks_missing check.
+        self._zarrays: dict[str, zarr.Array] = {}
         self._writes = _BackgroundWrites()
         self._busy_s = 0.0
         self._opened_at = 0.0
@@ -249,6 +253,7 @@ class PartWriter:
                 compressors=layout.codecs(name), fill_value="" if dtype is str else 0,
                 config={"write_empty_chunks": True},
             )
+            self._zarrays[name] = array
             if name in layout.appended:
                 self._appenders[name] = _Appender(array, chunk_len, self._writes)
 
@@ -285,7 +290,7 @@ class PartWriter:
         ids = [arrays[TOPK_IDS] for _, arrays in self._held]
         self._id_table = IdTable.from_ids(np.concatenate([a.ravel() for a in ids]) if ids else np.empty(0))
         self._salt = self._id_table.digest()
-        table = self.group[ID_TABLE]
+        table = self._zarrays[ID_TABLE]
         table.resize((len(self._id_table.table),))
         if len(self._id_table.table):
             table[:] = self._id_table.table
@@ -420,7 +425,7 @@ class PartWriter:
             **{name: np.array(v, dtype=np.int64) for name, v in self._offsets.items()},
         }
         for name, values in small.items():
-            array = self.group[name]
+            array = self._zarrays[name]
             array.resize((len(values),))
             if len(values):
                 array[:] = values

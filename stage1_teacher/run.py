@@ -226,6 +226,23 @@ def run_shards(cfg: RunConfig, shards: list[int], queue=None, peers=None) -> Job
     return summary
 
 
+def check_engine_options(cfg: RunConfig) -> None:
+    """Refuse, in one line and before any engine starts, teacher options the installed vLLM cannot run on this
+    machine, which would otherwise fail after start-up (minutes for the real teacher; DP ranks at their first
+    MoE step)."""
+    if cfg.teacher.backend != "vllm" or not (cfg.teacher.batch_invariant or cfg.teacher.data_parallel_size > 1):
+        return
+    from stage1_teacher.vllm_backend import batch_invariant_blocker, data_parallel_blocker
+
+    blocker = cfg.teacher.batch_invariant and batch_invariant_blocker()
+    if blocker:
+        raise UserError(f"teacher.batch_invariant: {blocker}")
+    blocker = cfg.teacher.data_parallel_size > 1 and data_parallel_blocker()
+    if blocker:
+        raise UserError(f"teacher.data_parallel_size={cfg.teacher.data_parallel_size}: {blocker}; set "
+                        "teacher.data_parallel_size: 1 here (DP runs on GPU nodes)")
+
+
 def check_cache_settings(cfg: RunConfig) -> None:
     """Refuse, before any engine starts (minutes for the real teacher), a run whose settings differ from the
     existing cache's: K, encoding, rows kind, positions, vocabulary, shard count, teacher, tokenizer and
@@ -272,6 +289,7 @@ def main(cfg: RunConfig, shards: list[int] | None = None, num_shards: int | None
     bad = [s for s in shards or [] if not 0 <= s < cfg.data.num_shards]
     if bad:
         raise UserError(f"--shard {bad[0]}: must be in [0, {cfg.data.num_shards})")
+    check_engine_options(cfg)
     if not os.path.exists(cfg.manifest):
         raise UserError(f"manifest {cfg.manifest}: not found; run `hyperdistill prepare-data` first")
     # Jobs read the samples prepare-data rendered: refuse another run's before any engine starts.

@@ -69,21 +69,61 @@ def engine_kwargs(cfg: TeacherConfig, model_path: str, k: int) -> dict:
 
 def set_engine_env(cfg: TeacherConfig) -> None:
     """Environment the engine reads at start-up (its processes inherit it); call before `vllm.LLM`.
-
-    teacher.batch_invariant sets VLLM_BATCH_INVARIANT=1: vLLM 0.32 then swaps in batch-invariant kernels
-    (matmul, softmax, reductions, attention split settings) so that a row does not depend on what it is
-    batched with. Those kernels are CUDA/ROCm/XPU ones: on CPU the engine fails at start-up ("No Unquantized
-    MoE backend supports the deployment configuration"), so it is refused here in one line instead."""
+    teacher.batch_invariant sets VLLM_BATCH_INVARIANT=1 (UserError where `batch_invariant_blocker` says no)."""
     if not cfg.batch_invariant:
         return
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu():
+    blocker = batch_invariant_blocker()
+    if blocker:
         from common.errors import UserError
 
-        raise UserError("teacher.batch_invariant: vLLM's batch-invariant mode has no CPU kernels (its CPU MoE "
-                        "backend refuses it); leave it off on CPU")
+        raise UserError(f"teacher.batch_invariant: {blocker}")
     os.environ["VLLM_BATCH_INVARIANT"] = "1"
+
+
+def batch_invariant_blocker() -> str | None:
+    """Why vLLM's batch-invariant mode cannot run here (the reason and the way out, one line), or None.
+
+    With VLLM_BATCH_INVARIANT=1, vLLM 0.32 swaps in batch-invariant kernels (matmul, softmax, reductions,
+    attention split settings) so that a row does not depend on what it is batched with. Those kernels are
+    CUDA/ROCm/XPU ones: on CPU the engine fails at start-up ("No Unquantized MoE backend supports the
+    deployment configuration": the CPU experts, the only CPU MoE backend in fused_moe/oracle/unquantized.py,
+    do not declare _supports_batch_invariance, which FusedMoEExperts.is_supported_config requires under the
+    mode), so it is refused in one line instead."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None
+    return ("vLLM's batch-invariant mode has no CPU kernels (its CPU MoE backend refuses it); set "
+            "teacher.batch_invariant: false on CPU (vLLM offers it on NVIDIA GPUs of compute capability >= 8.0, "
+            "AMD Instinct and Intel XPUs)")
+
+
+def data_parallel_blocker() -> str | None:
+    """Why the installed vLLM cannot run teacher.data_parallel_size > 1 on this machine, or None.
+
+    vLLM 0.32's CPU engine starts the DP ranks (and splits the experts with expert parallelism), then fails
+    at the first MoE step, with or without expert parallelism: with DP > 1 the MoE layer's prepare step
+    (fused_moe/prepare_finalize/naive_dp_ep.py) gathers every rank's tokens through the EP group's
+    all_gatherv (combine: reduce_scatterv), and the CPU communicator
+    (distributed/device_communicators/cpu_communicator.py, CpuCommunicator) implements neither:
+    DeviceCommunicatorBase's raise NotImplementedError. (Dense models are no way round it: vLLM refuses
+    offline DP for them.) Probed on the installed classes, not inferred from the version number, so a vLLM
+    whose CPU communicator gains them is let through."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None
+    from vllm.distributed.device_communicators.base_device_communicator import DeviceCommunicatorBase
+    from vllm.distributed.device_communicators.cpu_communicator import CpuCommunicator
+
+    missing = [name for name in ("all_gatherv", "reduce_scatterv")
+               if getattr(CpuCommunicator, name) is getattr(DeviceCommunicatorBase, name)]
+    if not missing:
+        return None
+    import vllm
+
+    return (f"vLLM {vllm.__version__} on CPU cannot step data-parallel MoE ranks (its CpuCommunicator lacks "
+            f"{' and '.join(missing)}, which the MoE layer's DP dispatch needs, with or without expert parallelism)")
 
 
 def flat_to_topk(flat, positions: np.ndarray, k: int) -> TopK:

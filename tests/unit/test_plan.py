@@ -155,7 +155,9 @@ def test_cli_prints_the_plan_or_one_error_line():
     runner = CliRunner()
     ok = runner.invoke(plan_cmd, ["--config", str(TWO_NODE), "--gpus", "16"])
     assert ok.exit_code == 0, ok.output
-    assert "8 shard x 2 replicate (HSDP)" in ok.output and "2 engine(s) x TP8" in ok.output
+    assert "8 shard x 2 replicate (HSDP)" in ok.output
+    assert "2 engine group(s) x DP8 x TP1 + expert parallel (experts over 8 GPUs) = 16 GPUs" in ok.output
+    assert "one job per node (2 nodes)" in ok.output
     bad = runner.invoke(plan_cmd, ["--config", str(REAL), "--gpus", "8", "--gpu-mem-gb", "80"])
     assert bad.exit_code == 2 and bad.output.startswith("error: stage 1 (teacher-cache)")
     assert len(bad.output.strip().splitlines()) == 1
