@@ -71,7 +71,7 @@ class Settings:
     """torch threads."""
 
 
-# About 35 minutes on the 2-core VM (measured: see BENCHMARKS.md).
+# About 25 minutes of runs on 2 idle cores, ~40 with the teacher and caches built first (BENCHMARKS.md).
 FULL = Settings(steps=30, batch_size=2, seeds=(0, 1, 2), oracle_seen=3, oracle_unseen=3, threads=2)
 QUICK = Settings(steps=2, batch_size=2, seeds=(0,), oracle_seen=1, oracle_unseen=1, threads=2)
 
