@@ -55,10 +55,10 @@ TRAIN = [
 ]
 
 
-def torchrun_train(cfg: RunConfig, output_dir: Path, extra: list[str] = (), wait: bool = True):
-    """`train-worker` under torchrun with 2 gloo ranks on `cfg`'s cache, TRAIN's settings and `extra`. wait=False
+def torchrun_train(cfg: RunConfig, output_dir: Path, extra: list[str] = (), wait: bool = True, settings=TRAIN):
+    """`train-worker` under torchrun with 2 gloo ranks on `cfg`'s cache, `settings` and `extra`. wait=False
     returns the Popen (its own session, stdout and stderr together); otherwise the finished process, checked."""
-    sets = [*config_overrides(cfg), f"train.output_dir={output_dir}", *TRAIN, *extra]
+    sets = [*config_overrides(cfg), f"train.output_dir={output_dir}", *settings, *extra]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "hyperdistill.cli", "train-worker", "--config", str(REPO / "configs" / "demo.yaml")]  # fmt: skip
     for s in sets:
