@@ -197,14 +197,14 @@ def _owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def run_shards(cfg: RunConfig, shards: list[int], queue=None, peers=None) -> JobSummary:
+def run_shards(cfg: RunConfig, shards: list[int], queue=None, peers=None, tokenizer=None) -> JobSummary:
     """One worker: one engine, then shards from the list (or from a shared queue) until none is left.
 
     peers: a Barrier of the data-parallel ranks. A rank whose shards are done keeps its engine up until every
     rank is done: vLLM's DP engine core keeps stepping (dummy batches) while any rank has work, and the
     ranks' expert-parallel collectives need all of them. A rank that fails breaks the barrier instead, so
-    the others stop rather than wait for it."""
-    tokenizer = load_tokenizer(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code)
+    the others stop rather than wait for it. tokenizer: the student's, if the caller has it loaded."""
+    tokenizer = tokenizer or _student_tokenizer(cfg)
     summary = JobSummary()
     backend = make_backend(cfg.teacher, resolve_model(cfg.teacher.model, cfg.teacher.revision), cfg.cache.k)
     ok = False
@@ -243,14 +243,18 @@ def check_engine_options(cfg: RunConfig) -> None:
                         "teacher.data_parallel_size: 1 here (DP runs on GPU nodes)")
 
 
-def check_cache_settings(cfg: RunConfig) -> None:
+def _student_tokenizer(cfg: RunConfig):
+    return load_tokenizer(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code)
+
+
+def check_cache_settings(cfg: RunConfig, tokenizer=None) -> None:
     """Refuse, before any engine starts (minutes for the real teacher), a run whose settings differ from the
     existing cache's: K, encoding, rows kind, positions, vocabulary, shard count, teacher, tokenizer and
     chat-template fingerprints, data. Whether or not the requested parts are complete: a complete part
     written with other settings is not this run's result. Nothing to compare while there is no cache."""
     stored = CacheStore.existing_meta(cfg.cache.path)
     if stored is not None:
-        tokenizer = load_tokenizer(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code)
+        tokenizer = tokenizer or _student_tokenizer(cfg)
         # engine_version is recorded per part, not compared: the engine need not exist yet.
         stored.require_same(root_meta(cfg, tokenizer, engine_version=""), cfg.cache.path)
 
@@ -293,9 +297,10 @@ def main(cfg: RunConfig, shards: list[int] | None = None, num_shards: int | None
     if not os.path.exists(cfg.manifest):
         raise UserError(f"manifest {cfg.manifest}: not found; run `hyperdistill prepare-data` first")
     # Jobs read the samples prepare-data rendered: refuse another run's before any engine starts.
-    check_rendered(cfg, load_tokenizer(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code))
+    tokenizer = _student_tokenizer(cfg)  # loaded once here (seconds for the real vocabulary), used by all three
+    check_rendered(cfg, tokenizer)
     t0 = time.perf_counter()
-    check_cache_settings(cfg)
+    check_cache_settings(cfg, tokenizer)
     dp = cfg.teacher.data_parallel_size
     requested = list(shards) if shards else list(range(cfg.data.num_shards))
     done = _complete_parts(cfg.cache.path)
@@ -303,7 +308,7 @@ def main(cfg: RunConfig, shards: list[int] | None = None, num_shards: int | None
     if not shards:  # nothing to do: do not start an engine (minutes for the real teacher)
         summary = JobSummary()
     elif dp == 1 and (cfg.teacher.num_engines == 1 or len(shards) == 1):
-        summary = run_shards(cfg, shards)
+        summary = run_shards(cfg, shards, tokenizer=tokenizer)
     else:  # several engines, or DP ranks (which all start, even with fewer shards than ranks: they step together)
         if dp > 1 and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
             raise UserError("teacher.data_parallel_size > 1 needs vLLM's engine processes: unset "

@@ -34,3 +34,33 @@ def hf_cache_run(tmp_path_factory):
     cfg = demo_config(tmp_path_factory.mktemp("hf-cache"), "teacher.backend=hf")
     prepare_data(cfg, load_tokenizer(cfg.student.model))
     return cfg, stage1_main(cfg)
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(hf_cache_run, tmp_path_factory):
+    """One uninterrupted 2-rank FSDP2 training run (tests.pipeline_helpers.TRAIN) on the HF cache: the reference
+    for the kill-and-resume test and the step-0 evaluation. Returns (output dir, finished process)."""
+    from tests.pipeline_helpers import torchrun_train
+
+    out = tmp_path_factory.mktemp("two-rank-run")
+    return out, torchrun_train(hf_cache_run[0], out)
+
+
+@pytest.fixture(scope="session")
+def hf_sampled_shard(tmp_path_factory):
+    """One sampled-rows part (RS-KD, 16 draws) scored by the reference (HF) teacher: the smallest non-empty
+    shard of the demo in 8 shards (1-3 samples cut to 512 tokens). Returns (config, shard, stage-1 summary)."""
+    import json
+    from pathlib import Path
+
+    from common.manifest import prepare_data
+    from common.models import load_tokenizer
+    from stage1_teacher.run import main as stage1_main
+    from tests.pipeline_helpers import demo_config
+
+    cfg = demo_config(tmp_path_factory.mktemp("hf-sampled"), "teacher.backend=hf", "cache.rows=sampled",
+                      "cache.draws=16", "data.num_shards=8", "data.max_tokens=512")  # fmt: skip
+    prepare_data(cfg, load_tokenizer(cfg.student.model))
+    shards = [json.loads(line)["shard"] for line in Path(cfg.manifest).read_text().splitlines() if line.strip()]
+    shard = min(set(shards), key=shards.count)
+    return cfg, shard, stage1_main(cfg, shards=[shard])

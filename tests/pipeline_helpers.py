@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from common.config import RunConfig, load_config
@@ -34,3 +37,36 @@ def config_overrides(cfg: RunConfig) -> list[str]:
         f"data.max_tokens={cfg.data.max_tokens}",
         f"data.overlong={cfg.data.overlong}",
     ]
+
+
+# A small stage-2 run: short context, 6 optimizer steps on 2 ranks, checkpoints every 2 steps.
+TRAIN = [
+    "train.phases=[{name: main, epochs: 2, seq_len: 768}]",
+    "train.max_steps=6",
+    "train.batch_size=1",
+    "train.checkpoint_every=2",
+    "train.eval_every=100",
+    "train.warmup_steps=2",
+    "train.lr=1e-3",
+    "train.loss_chunk=256",
+    "hyper.encoder_dim=64",
+    "hyper.generator_dim=128",
+    "hyper.encoder_layers=1",
+]
+
+
+def torchrun_train(cfg: RunConfig, output_dir: Path, extra: list[str] = (), wait: bool = True, settings=TRAIN):
+    """`train-worker` under torchrun with 2 gloo ranks on `cfg`'s cache, `settings` and `extra`. wait=False
+    returns the Popen (its own session, stdout and stderr together); otherwise the finished process, checked."""
+    sets = [*config_overrides(cfg), f"train.output_dir={output_dir}", *settings, *extra]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "hyperdistill.cli", "train-worker", "--config", str(REPO / "configs" / "demo.yaml")]  # fmt: skip
+    for s in sets:
+        cmd += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc

@@ -1,6 +1,7 @@
-"""Stage-1 jobs through vLLM's engine capture (the default with teacher.backend=vllm): a job SIGKILLed mid-shard
-resumes to a part that verifies and agrees with an uninterrupted run at least as closely as two uninterrupted
-runs agree (vLLM on CPU need not repeat itself bit for bit)."""
+"""Stage-1 jobs through vLLM's engine capture (the default with teacher.backend=vllm): a job fills a part that
+agrees with the reference (HF) backend's; a job SIGKILLed mid-shard resumes to a part that verifies and agrees
+with an uninterrupted run at least as closely as two uninterrupted runs agree (vLLM on CPU need not repeat
+itself bit for bit)."""
 
 from __future__ import annotations
 
@@ -65,6 +66,24 @@ def disagreement(a: dict, b: dict) -> tuple[float, int]:
     return worst, top1
 
 
+def agrees_with_the_reference(cfg, root, shard: int, tokenizer) -> None:
+    """The part the vLLM job wrote against the same shard written by the reference (HF) backend: the same
+    positions, and, both being the same bf16 teacher, the same best token at most rows with close log-probs."""
+    ref_cfg = demo_config(root, *OVERRIDES, "teacher.backend=hf")
+    prepare_data(ref_cfg, tokenizer)
+    assert stage1_main(ref_cfg, shards=[shard]).shards_done == [shard]
+    ours, ref = CacheReader(cfg.cache.path), CacheReader(ref_cfg.cache.path)
+    assert ours.meta.teacher.backend == "vllm" and ours.meta.teacher.engine_version.startswith("vllm")
+    top1_same, rows = 0, 0
+    for i in range(len(ours)):
+        a, b = ours[i], ref[ref.index_of(ours[i].sample_id)]
+        np.testing.assert_array_equal(a.positions, b.positions)
+        top1_same += int((a.topk_ids[:, 0] == b.topk_ids[:, 0]).sum())
+        rows += len(a.positions)
+        assert np.abs(a.topk_logprobs[:, 0] - b.topk_logprobs[:, 0]).mean() < 0.05
+    assert rows > 0 and top1_same / rows > 0.9
+
+
 @pytest.mark.engine
 def test_sigkilled_capture_job_resumes_to_an_uninterrupted_part(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine dies with the killed process
@@ -77,6 +96,7 @@ def test_sigkilled_capture_job_resumes_to_an_uninterrupted_part(tmp_path, monkey
     shard = int(counts.argmax())
     for name in ("a", "b"):
         assert stage1_main(cfgs[name], shards=[shard]).shards_done == [shard]
+    agrees_with_the_reference(cfgs["a"], tmp_path / "hf", shard, tokenizer)
 
     cfg = cfgs["killed"]
     proc = subprocess.run(

@@ -275,6 +275,7 @@ def test_vllm_loads_the_exported_adapter(trained, tmp_path, student_dir):
 
     mp = pytest.MonkeyPatch()
     mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # small KV cache; also skips the warm-up pass
+    mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process: seconds to start, not a minute
     # max_lora_rank takes one of 1, 8, 16, 32, ... and must be >= the adapter's r (4 here).
     llm = LLM(model=student_dir, dtype="bfloat16", enable_lora=True, max_lora_rank=8, max_loras=1,
               max_model_len=256, enforce_eager=True, gpu_memory_utilization=0.5)  # fmt: skip
@@ -284,5 +285,6 @@ def test_vllm_loads_the_exported_adapter(trained, tmp_path, student_dir):
         with pytest.raises(Exception, match="linear_attn.norm"):
             llm.llm_engine.add_lora(LoRARequest("bad", 2, str(bad)))
     finally:
+        llm.llm_engine.engine_core.shutdown()
         del llm
         mp.undo()

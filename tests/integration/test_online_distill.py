@@ -18,7 +18,7 @@ from stage2_student.distributed import DistEnv
 from stage2_student.losses import full_vocab_kl
 from stage2_student.checks import check_sampled_rows
 from stage2_student.train import ResidentTeacher, train
-from tests.pipeline_helpers import REPO
+from tests.pipeline_helpers import REPO, config_overrides
 
 
 def naive_full_kl(hidden, weight, t_hidden, t_weight, temperature):
@@ -130,19 +130,15 @@ def test_online_training_reports_full_vocab_kl(hf_cache_run, tmp_path):
     assert [m["tail"] for m in metrics if m["split"] == "train"] == [0.0, 0.0]
 
 
-def test_training_on_a_real_sampled_cache_with_a_biased_loss_is_refused(hf_cache_run, tmp_path):
+def test_training_on_a_real_sampled_cache_with_a_biased_loss_is_refused(hf_sampled_shard, tmp_path):
     """A sampled cache written by stage 1 (one small shard, HF backend) carries RootMeta.sampled; the trainer
     refuses reverse KL on it before loading any model."""
     from cache_schema import CacheReader
-    from stage1_teacher.run import main as stage1_main
 
-    cache_cfg, _ = hf_cache_run
-    sets = [f"manifest={cache_cfg.manifest}", f"cache.path={tmp_path / 'sampled.zarr'}",
-            f"train.output_dir={tmp_path / 'student'}", f"data.max_tokens={cache_cfg.data.max_tokens}",
-            "data.overlong=truncate", "teacher.backend=hf", "cache.rows=sampled", "cache.draws=8"]  # fmt: skip
-    cfg = load_config(REPO / "configs" / "demo.yaml", sets)
-    stage1_main(cfg, shards=[1])
-    assert CacheReader(cfg.cache.path).meta.sampled.draws == 8
-    biased = load_config(REPO / "configs" / "demo.yaml", [*sets, "train.loss=reverse_tail"])
+    sampled_cfg, _, _ = hf_sampled_shard
+    assert CacheReader(sampled_cfg.cache.path).meta.sampled.draws == 16
+    biased = load_config(REPO / "configs" / "demo.yaml", [
+        *config_overrides(sampled_cfg), f"train.output_dir={tmp_path / 'student'}", "teacher.backend=hf",
+        "cache.rows=sampled", "cache.draws=16", "data.num_shards=8", "train.loss=reverse_tail"])  # fmt: skip
     with pytest.raises(UserError, match="sampled rows .*train.loss=forward_tail"):
         train(biased, DistEnv(0, 1, 0, torch.device("cpu"), "gloo"))

@@ -1,11 +1,12 @@
 """Stage 1 jobs end to end with the reference (HF) backend: a full run, a SIGKILL mid-shard and its
-re-run, a double launch. The real vLLM engine is exercised in test_backends.py and test_stage1_vllm.py."""
+re-run, a double launch. The real vLLM engine's jobs are in test_capture_jobs.py."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -97,26 +98,27 @@ def _biggest_shard(cfg) -> int:
     return int(counts.argmax())
 
 
-_RUN_CLI = textwrap.dedent("""
-    import sys
-    from hyperdistill.cli import main
-    try:
-        main(sys.argv[1:])
-    except SystemExit as e:
-        code = e.code
-    print("exit", code, "teacher loaded:", "stage1_teacher.hf_backend" in sys.modules)
-""")
-
-
 @pytest.mark.parametrize("part_state", ["complete", "incomplete"])
-def test_other_settings_are_refused_before_the_teacher_loads(full_run, tmp_path, part_state):
+def test_other_settings_are_refused_before_the_teacher_loads(full_run, tmp_path, part_state, monkeypatch):
     """`teacher-cache --set cache.k=64` on a K=128 cache: one line naming k, exit 2, and the teacher is
     never loaded, whether the requested part is complete (before: skipped, exit 0) or not (before: refused
     only after loading the teacher)."""
     import shutil
 
     import zarr
+    from click.testing import CliRunner
 
+    import stage1_teacher.run as run
+    from hyperdistill.cli import main
+
+    loads = []
+    real = run.make_backend
+
+    def counting_backend(*args, **kwargs):  # the real backend, counted: it is what loads the teacher
+        loads.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run, "make_backend", counting_backend)
     cfg, _ = full_run
     path = tmp_path / "cache.zarr"
     shutil.copytree(cfg.cache.path, path)
@@ -127,16 +129,15 @@ def test_other_settings_are_refused_before_the_teacher_loads(full_run, tmp_path,
     args = ["teacher-cache", "--config", str(REPO / "configs" / "demo.yaml"), "--shard", "1"]
     for item in sets:
         args += ["--set", item]
-    proc = subprocess.run([sys.executable, "-c", _RUN_CLI, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.stdout.strip().splitlines()[-1] == "exit 2 teacher loaded: False", proc.stdout + proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    refused = CliRunner().invoke(main, args)
+    assert (refused.exit_code, loads) == (2, []), refused.output
+    errors = [line for line in refused.stderr.splitlines() if line.strip()]
     assert errors == [f"error: cache {path}: k is 128 in the cache but 64 in this run; "
-                      "use a new cache path or the cache's settings"], proc.stderr
+                      "use a new cache path or the cache's settings"], refused.stderr
     # The same run with the cache's own K goes ahead (skips the complete part, redoes an incomplete one).
-    ok = subprocess.run([sys.executable, "-c", _RUN_CLI, *args[:-2]], cwd=REPO, capture_output=True, text=True,
-                        timeout=300)
-    assert ok.stdout.strip().splitlines()[-1] == "exit 0 teacher loaded: " + str(part_state == "incomplete")
+    ok = CliRunner().invoke(main, args[:-2])
+    assert ok.exit_code == 0, ok.output
+    assert len(loads) == (part_state == "incomplete")
 
 
 def test_sigkill_mid_shard_then_rerun_matches_uninterrupted(full_run, tmp_path, tokenizer):
@@ -181,12 +182,20 @@ HOLDER = textwrap.dedent(
 )
 
 
-def test_double_launch_leaves_a_leased_part_alone(tmp_path, tokenizer):
-    cfg = _prepared(tmp_path, tokenizer)
-    shard = _biggest_shard(cfg)
-    # First create the store and the part's folder with a real run of another shard.
-    other = (shard + 1) % cfg.data.num_shards
-    stage1_main(cfg, shards=[other])
+def test_double_launch_leaves_a_leased_part_alone(full_run, tmp_path):
+    import shutil
+
+    import zarr
+
+    from cache_schema.format import part_path
+
+    ref_cfg, _ = full_run
+    shard = _biggest_shard(ref_cfg)
+    other = (shard + 1) % ref_cfg.data.num_shards
+    # A copy of the complete cache whose `shard` part is to be redone (as after a killed job).
+    cfg = replace(ref_cfg, cache=replace(ref_cfg.cache, path=str(tmp_path / "cache.zarr")))
+    shutil.copytree(ref_cfg.cache.path, cfg.cache.path)
+    zarr.open_group(cfg.cache.path, path=part_path(shard), mode="r+").attrs["complete"] = False
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDER, cfg.cache.path, str(shard)], cwd=REPO, stdout=subprocess.PIPE, text=True
     )
@@ -199,27 +208,3 @@ def test_double_launch_leaves_a_leased_part_alone(tmp_path, tokenizer):
     finally:
         holder.kill()
         holder.wait()
-
-
-@pytest.mark.engine
-def test_vllm_job_fills_a_part_that_agrees_with_the_reference(full_run, tmp_path, tokenizer, monkeypatch):
-    """The production path: the real vLLM engine (CPU build) fills one part through the same job code."""
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in-process: seconds, not a minute
-    ref_cfg, _ = full_run
-    cfg = demo_config(tmp_path, "teacher.backend=vllm", "teacher.kv_cache_gib=1")
-    prepare_data(cfg, tokenizer)
-    shard = _biggest_shard(cfg)
-    summary = stage1_main(cfg, shards=[shard])
-    assert summary.shards_done == [shard]
-    assert verify_cache(cfg.cache.path, shards=[shard]).ok
-    ours, ref = CacheReader(cfg.cache.path), CacheReader(ref_cfg.cache.path)
-    assert ours.meta.teacher.backend == "vllm" and ours.meta.teacher.engine_version.startswith("vllm")
-    top1_same, rows = 0, 0
-    for i in range(len(ours)):
-        a, b = ours[i], ref[ref.index_of(ours[i].sample_id)]
-        np.testing.assert_array_equal(a.positions, b.positions)
-        top1_same += int((a.topk_ids[:, 0] == b.topk_ids[:, 0]).sum())
-        rows += len(a.positions)
-        # both are the same bf16 teacher: the best log-prob of each row agrees closely
-        assert np.abs(a.topk_logprobs[:, 0] - b.topk_logprobs[:, 0]).mean() < 0.05
-    assert rows > 0 and top1_same / rows > 0.9

@@ -29,12 +29,27 @@ def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           timeout=timeout)  # fmt: skip
 
 
-def _train_student(cache_cfg, output_dir, *extra: str, nproc: int = 1) -> subprocess.CompletedProcess:
+def _train_student_args(cache_cfg, output_dir, *extra: str, nproc: int = 1) -> list[str]:
     sets = [*config_overrides(cache_cfg), f"train.output_dir={output_dir}", *SMALL, *extra]
     args = ["train-student", "--config", str(REPO / "configs" / "demo.yaml"), "--nproc", str(nproc)]
     for s in sets:
         args += ["--set", s]
-    return _cli(*args)
+    return args
+
+
+def _train_student(cache_cfg, output_dir, *extra: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    return _cli(*_train_student_args(cache_cfg, output_dir, *extra, nproc=nproc))
+
+
+def _train_student_in_process(cache_cfg, output_dir, *extra: str) -> subprocess.CompletedProcess:
+    """The same command through click's runner: no interpreter start-up (seconds each on 2 cores)."""
+    from click.testing import CliRunner
+
+    from hyperdistill.cli import main
+
+    args = _train_student_args(cache_cfg, output_dir, *extra)
+    result = CliRunner().invoke(main, args)
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
 def _one_error_line(proc: subprocess.CompletedProcess) -> str:
@@ -45,15 +60,18 @@ def _one_error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("bad, message", [
-    ("cache.path=/nonexistent.zarr", "/nonexistent.zarr: no cache there"),
-    ("cache.k=64", "k is 128 in the cache but cache.k=64"),
-    ("cache.rows=sampled", "its rows are topk, but this config says cache.rows=sampled"),
-    ("train.batch_size=100", "no optimizer step fits"),
+@pytest.mark.parametrize("bad, message, process", [
+    ("cache.path=/nonexistent.zarr", "/nonexistent.zarr: no cache there", "subprocess"),
+    ("cache.k=64", "k is 128 in the cache but cache.k=64", "in-process"),
+    ("cache.rows=sampled", "its rows are topk, but this config says cache.rows=sampled", "in-process"),
+    ("train.batch_size=100", "no optimizer step fits", "in-process"),
 ])  # fmt: skip
-def test_bad_input_is_one_line_and_exit_2_before_torchrun(hf_cache_run, tmp_path, bad, message):
+def test_bad_input_is_one_line_and_exit_2_before_torchrun(hf_cache_run, tmp_path, bad, message, process):
+    """One case as the user runs it (a fresh interpreter: what reaches the terminal); the others through click's
+    runner, which sees the same exit code and stderr."""
     cache_cfg, _ = hf_cache_run
-    line = _one_error_line(_train_student(cache_cfg, tmp_path / "student", bad))
+    run = _train_student if process == "subprocess" else _train_student_in_process
+    line = _one_error_line(run(cache_cfg, tmp_path / "student", bad))
     assert message in line, line
     assert not (tmp_path / "student").exists()  # nothing was launched, nothing written
 
@@ -69,7 +87,7 @@ def test_a_checkpoint_of_another_config_is_refused_before_launch(hf_cache_run, t
     cfg = load_config(REPO / "configs" / "demo.yaml", [*config_overrides(cache_cfg), f"train.output_dir={out}", *SMALL])
     train(cfg, DistEnv(0, 1, 0, torch.device("cpu"), "gloo"))
     assert not (out / LEASE_NAME).exists()  # released at the end of the run
-    line = _one_error_line(_train_student(cache_cfg, out, "train.lr=5e-4"))
+    line = _one_error_line(_train_student_in_process(cache_cfg, out, "train.lr=5e-4"))
     assert "saved with another config" in line
 
     # A dead holder's lease (left by a killed run) is taken over, and the run resumes from its checkpoint.

@@ -1,7 +1,7 @@
 """hyper.mode=static (one trainable LoRA for every sample) and the one model builder, end to end on the demo cache.
 
 - at step 0 the static student is the base student exactly (B = 0), and A is initialised like PEFT's lora_A;
-- a static run through `train-student` (2 gloo ranks, FSDP2), killed after its first checkpoint (here: the newer
+- a static run under torchrun (2 gloo ranks, FSDP2), killed after its first checkpoint (here: the newer
   checkpoint deleted) and resumed, ends with the uninterrupted run's weights; its one adapter, exported without a
   prompt, reproduces the in-training student's logits under PEFT;
 - a hypernetwork run with a non-default hyper.head_chunk exports, and its adapter reproduces the in-training logits.
@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -26,7 +23,7 @@ from common.rendering import tokenize_prompt
 from stage2_student import checkpoint
 from stage2_student.export import export_lora
 from stage2_student.model import build_distill_model
-from tests.pipeline_helpers import REPO, config_overrides
+from tests.pipeline_helpers import REPO, config_overrides, torchrun_train
 
 PROMPT = "Fix the off-by-one error in utils.paginate so that the last page is returned."
 INPUT = "def paginate(items, size):\n    return [items[i : i + size] for i in range(0, len(items), size)]\n"
@@ -105,17 +102,9 @@ def test_static_student_is_the_base_student_at_step_0():
 def test_static_run_resumes_under_fsdp_and_exports_one_adapter(hf_cache_run, tmp_path):
     cache_cfg, _ = hf_cache_run
     out = tmp_path / "static"
-    sets = [*config_overrides(cache_cfg), f"train.output_dir={out}", *SMALL, "hyper.mode=static"]
-    cmd = [sys.executable, "-c", "from hyperdistill.cli import main; main()", "train-student", "--config",
-           str(REPO / "configs" / "demo.yaml"), "--nproc", "2"]  # fmt: skip
-    for s in sets:
-        cmd += ["--set", s]
 
     def run():
-        proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                              text=True, timeout=600)  # fmt: skip
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        return proc
+        return torchrun_train(cache_cfg, out, ["hyper.mode=static"], settings=SMALL)
 
     first = run()
     assert "static LoRA: " in first.stderr

@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,12 +20,12 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from common.config import load_config
-from tests.pipeline_helpers import REPO, config_overrides
+from tests.pipeline_helpers import REPO, TRAIN, config_overrides
 
 pytestmark = pytest.mark.distributed
 
 WORLD = 2
-HYPER = ["hyper.encoder_dim=64", "hyper.generator_dim=128", "hyper.encoder_layers=1"]
+HYPER = [s for s in TRAIN if s.startswith("hyper.")]
 
 
 class _Logits(nn.Module):
@@ -117,25 +115,18 @@ def test_meta_student_matches_plain_load_on_every_rank():
     mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
 
 
-def test_two_rank_run_starts_from_single_process_heldout_kl(hf_cache_run, tmp_path):
+def test_two_rank_run_starts_from_single_process_heldout_kl(hf_cache_run, two_rank_run, tmp_path):
+    """The shared 2-rank run's step-0 evaluation (B = 0: the base student) equals one process's."""
     from stage2_student.distributed import DistEnv
     from stage2_student.train import train
 
     cache_cfg, _ = hf_cache_run
-    sets = ["train.phases=[{name: main, epochs: 1, seq_len: 768}]", "train.max_steps=1", "train.batch_size=1",
-            "train.checkpoint_every=100", "train.loss_chunk=256", *HYPER]  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-           "-m", "hyperdistill.cli", "train-worker", "--config", str(REPO / "configs" / "demo.yaml")]  # fmt: skip
-    for s in [*config_overrides(cache_cfg), f"train.output_dir={tmp_path / 'two'}", *sets]:
-        cmd += ["--set", s]
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    metrics = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    out, _ = two_rank_run
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     two = next(m for m in metrics if m["split"] == "eval" and m["step"] == 0)
 
     cfg = load_config(REPO / "configs" / "demo.yaml", [
-        *config_overrides(cache_cfg), f"train.output_dir={tmp_path / 'one'}", *sets])  # fmt: skip
+        *config_overrides(cache_cfg), f"train.output_dir={tmp_path / 'one'}", *TRAIN, "train.max_steps=1"])  # fmt: skip
     one = train(cfg, DistEnv(0, 1, 0, torch.device("cpu"), "gloo"))
     assert two["rows"] > 0
     assert two["kl"] == pytest.approx(one["kl_before"], rel=1e-5)

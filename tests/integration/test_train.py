@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,42 +18,14 @@ from common.errors import UserError
 from common.models import load_tokenizer
 from stage2_student import checkpoint
 from stage2_student.checks import check_compatible
-from tests.pipeline_helpers import REPO, config_overrides
+from tests.pipeline_helpers import torchrun_train
 
 pytestmark = pytest.mark.distributed
-
-# Small and quick: short context, a few steps, checkpoints every 2 steps.
-TRAIN = [
-    "train.phases=[{name: main, epochs: 2, seq_len: 768}]",
-    "train.batch_size=1",
-    "train.checkpoint_every=2",
-    "train.eval_every=100",
-    "train.warmup_steps=2",
-    "train.lr=1e-3",
-    "train.loss_chunk=256",
-    "hyper.encoder_dim=64",
-    "hyper.generator_dim=128",
-    "hyper.encoder_layers=1",
-]
 
 
 @pytest.fixture(scope="module")
 def cache_cfg(hf_cache_run):
     return hf_cache_run[0]
-
-
-def _torchrun(cfg, output_dir: Path, extra: list[str] = (), wait: bool = True):
-    sets = [*config_overrides(cfg), f"train.output_dir={output_dir}", *TRAIN, *extra]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "hyperdistill.cli", "train-worker", "--config", str(REPO / "configs" / "demo.yaml")]  # fmt: skip
-    for s in sets:
-        cmd += ["--set", s]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if not wait:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 def _kill_launcher_and_ranks(proc) -> None:
@@ -97,15 +67,8 @@ def _final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
     return _load_state_dict_from_keys(keys={"hypernet"}, checkpoint_id=str(last))["hypernet"]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(cache_cfg, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run-a")
-    proc = _torchrun(cache_cfg, out)
-    return out, proc
-
-
-def test_training_lowers_heldout_kl_and_logs(uninterrupted):
-    out, proc = uninterrupted
+def test_training_lowers_heldout_kl_and_logs(two_rank_run):
+    out, proc = two_rank_run
     evals = [m for m in _metrics(out) if m["split"] == "eval"]
     train = [m for m in _metrics(out) if m["split"] == "train"]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == train[-1]["step"]
@@ -117,10 +80,10 @@ def test_training_lowers_heldout_kl_and_logs(uninterrupted):
     assert (out / "resolved_config.yaml").exists()
 
 
-def test_kill_and_resume_matches_uninterrupted(cache_cfg, uninterrupted, tmp_path):
-    ref_out, _ = uninterrupted
+def test_kill_and_resume_matches_uninterrupted(cache_cfg, two_rank_run, tmp_path):
+    ref_out, _ = two_rank_run
     out = tmp_path / "run-b"
-    proc = _torchrun(cache_cfg, out, wait=False)
+    proc = torchrun_train(cache_cfg, out, wait=False)
     deadline = time.time() + 300
     while checkpoint.latest_checkpoint(out) is None:
         assert proc.poll() is None, proc.stdout.read()[-3000:]
@@ -132,7 +95,7 @@ def test_kill_and_resume_matches_uninterrupted(cache_cfg, uninterrupted, tmp_pat
     final_ref = checkpoint.latest_checkpoint(ref_out)
     assert killed_at.name < final_ref.name, "the run finished before it could be killed"
 
-    resumed = _torchrun(cache_cfg, out)
+    resumed = torchrun_train(cache_cfg, out)
     assert "resumed from" in resumed.stderr
     a, b = _final_weights(ref_out), _final_weights(out)
     assert a.keys() == b.keys()
