@@ -26,7 +26,7 @@ _DTYPES = ("bfloat16", "float16", "float32")
 
 def _is_current(folder: Path) -> bool:
     marker = folder / tiny_models.MARKER_FILE
-    return marker.is_file() and marker.read_text().strip() == tiny_models.RECIPE_VERSION
+    return marker.is_file() and marker.read_text().strip() == tiny_models.recipe_version(folder.name)
 
 
 def _build_tiny(name: str, force: bool) -> Path:
@@ -46,7 +46,7 @@ def _build_tiny(name: str, force: bool) -> Path:
         print(f"building {name} into {folder} (once; cached afterwards)", file=sys.stderr, flush=True)
         try:
             tiny_models.write_tiny_model(name, staging)
-            (staging / tiny_models.MARKER_FILE).write_text(tiny_models.RECIPE_VERSION + "\n")
+            (staging / tiny_models.MARKER_FILE).write_text(tiny_models.recipe_version(name) + "\n")
             if folder.exists():  # a stale or forced-out build: os.replace cannot overwrite a non-empty folder
                 retired = home / f".{name}.retired-{os.getpid()}"
                 os.replace(folder, retired)
