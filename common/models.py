@@ -83,18 +83,35 @@ def build_tiny_models(force: bool = False) -> dict[str, str]:
     return {name: str(_build_tiny(name, force=force)) for name in tiny_models.TINY_NAMES}
 
 
+_TOKENIZERS: dict[tuple, object] = {}
+"""Tokenizers loaded by this process, by (source, revision, trust_remote_code, the folder's files and mtimes)."""
+
+
 def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False):
-    """The model's tokenizer; it must carry a chat template (trajectories are rendered with it)."""
+    """The model's tokenizer; it must carry a chat template (trajectories are rendered with it).
+
+    Loaded once per process and source (about 1 s for the 151,936-id Qwen vocabulary, most of it in
+    transformers' own parsing and copying; stage 1 and stage 2 each need it in several places). Each call
+    returns a shallow copy: reassigning an attribute (`tok.chat_template = ...`) leaves the cached one alone;
+    the Rust tokenizer underneath is shared and must not be changed (nothing here adds tokens). A local
+    folder rewritten since (a rebuilt tiny model) is loaded again."""
+    import copy
+
     from transformers import AutoTokenizer
 
     source = resolve_model(name, revision)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
-    except OSError as e:  # not on disk and no hub access, or not a model folder
-        raise UserError(f"model '{name}': cannot load its tokenizer from {source}: {str(e).splitlines()[0]}") from e
-    if not tokenizer.chat_template:
-        raise UserError(f"model '{name}': its tokenizer ({source}) has no chat template")
-    return tokenizer
+    folder = Path(source)
+    files = tuple(sorted((f.name, f.stat().st_mtime_ns) for f in folder.iterdir())) if folder.is_dir() else ()
+    key = (source, revision, trust_remote_code, files)
+    if key not in _TOKENIZERS:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+        except OSError as e:  # not on disk and no hub access, or not a model folder
+            raise UserError(f"model '{name}': cannot load its tokenizer from {source}: {str(e).splitlines()[0]}") from e
+        if not tokenizer.chat_template:
+            raise UserError(f"model '{name}': its tokenizer ({source}) has no chat template")
+        _TOKENIZERS[key] = tokenizer
+    return copy.copy(_TOKENIZERS[key])
 
 
 def load_causal_lm(
