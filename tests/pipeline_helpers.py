@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 from common.config import RunConfig, load_config
@@ -70,3 +71,32 @@ def torchrun_train(cfg: RunConfig, output_dir: Path, extra: list[str] = (), wait
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+# `python -c KILLER CONFIG SHARD KEY=VALUE...`: stage 1 on one shard whose process SIGKILLs itself at the
+# backend's second score() call, mid-shard, with one batch already written to the part.
+KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from common.config import load_config
+    import stage1_teacher.run as run
+    real = run.make_backend
+
+    def dying_backend(*args, **kwargs):
+        backend = real(*args, **kwargs)
+        calls = {"n": 0}
+        score = backend.score
+        def score_then_die(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 2:          # mid-shard: one batch already written to the part
+                os.kill(os.getpid(), signal.SIGKILL)
+            return score(*a, **k)
+        backend.score = score_then_die
+        return backend
+
+    if __name__ == "__main__":
+        run.make_backend = dying_backend
+        cfg = load_config(sys.argv[1], sys.argv[3:])
+        run.main(cfg, shards=[int(sys.argv[2])])
+    """
+)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -16,37 +15,12 @@ from cache_schema import CacheReader, verify_cache
 from common.manifest import load_manifest, prepare_data
 from common.models import load_tokenizer
 from stage1_teacher.run import main as stage1_main
-from tests.pipeline_helpers import REPO, config_overrides, demo_config
+from tests.pipeline_helpers import KILLER, REPO, config_overrides, demo_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*reduce_op.*:FutureWarning")
 OVERRIDES = ("teacher.backend=vllm", "teacher.capture=engine", "teacher.kv_cache_gib=1", "teacher.batch_tokens=1500",
              "data.max_tokens=512")
 
-KILLER = textwrap.dedent(
-    """
-    import os, signal, sys
-    from common.config import load_config
-    import stage1_teacher.run as run
-    real = run.make_backend
-
-    def dying_backend(*args, **kwargs):
-        backend = real(*args, **kwargs)
-        calls = {"n": 0}
-        score = backend.score
-        def score_then_die(*a, **k):
-            calls["n"] += 1
-            if calls["n"] == 2:          # mid-shard: one batch already written to the part
-                os.kill(os.getpid(), signal.SIGKILL)
-            return score(*a, **k)
-        backend.score = score_then_die
-        return backend
-
-    if __name__ == "__main__":
-        run.make_backend = dying_backend
-        cfg = load_config(sys.argv[1], sys.argv[3:])
-        run.main(cfg, shards=[int(sys.argv[2])])
-    """
-)
 
 
 def _rows(path: str, shard: int):

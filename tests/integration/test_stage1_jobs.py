@@ -15,7 +15,7 @@ from cache_schema import CacheReader, load_manifest_ids, verify_cache
 from common.manifest import load_manifest, prepare_data
 from common.models import load_tokenizer
 from stage1_teacher.run import main as stage1_main
-from tests.pipeline_helpers import REPO, config_overrides, demo_config
+from tests.pipeline_helpers import KILLER, REPO, config_overrides, demo_config
 
 
 @pytest.fixture(scope="module")
@@ -67,30 +67,6 @@ def test_bad_shard_arguments_are_refused(full_run):
         stage1_main(cfg, shards=[0], num_shards=cfg.data.num_shards + 1)
 
 
-KILLER = textwrap.dedent(
-    """
-    import os, signal, sys
-    from common.config import load_config
-    import stage1_teacher.run as run
-    real = run.make_backend
-
-    def dying_backend(*args, **kwargs):
-        backend = real(*args, **kwargs)
-        calls = {"n": 0}
-        score = backend.score
-        def score_then_die(seqs, pos):
-            calls["n"] += 1
-            if calls["n"] == 2:          # mid-shard: one batch already written to the part
-                os.kill(os.getpid(), signal.SIGKILL)
-            return score(seqs, pos)
-        backend.score = score_then_die
-        return backend
-
-    run.make_backend = dying_backend
-    cfg = load_config(sys.argv[1], sys.argv[3:])
-    run.main(cfg, shards=[int(sys.argv[2])])
-    """
-)
 
 
 def _biggest_shard(cfg) -> int:
