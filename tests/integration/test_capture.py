@@ -16,6 +16,7 @@ import torch
 from common.errors import UserError
 from stage1_teacher.backend import make_backend
 from stage1_teacher.sampling import TAIL_DRAW, sample_uniforms
+from tests.stats import chi_square
 from tests.integration.test_backends import (  # noqa: F401 (fixtures)
     ATOL_ENGINES,
     K,
@@ -123,22 +124,6 @@ def test_capture_draws_are_exact_and_equal_the_hf_draws(capture_results, public_
     # engines' rounding (~1e-3 in log-prob) moves an edge past a uniform far more often; still mostly the same
     # token (the tail's distribution is checked by the chi-square test below).
     assert (c[tail] == h[tail]).mean() > 0.9
-
-
-def chi_square(draws: np.ndarray, p: np.ndarray) -> tuple[float, int]:
-    """Pearson's chi-square of draws (any shape) against p [V], smallest cells pooled until each expects >= 5."""
-    observed = np.bincount(draws.ravel(), minlength=len(p))
-    expected = p * draws.size
-    obs_cells, exp_cells, o, e = [], [], 0.0, 0.0
-    for i in np.argsort(expected):
-        o, e = o + observed[i], e + expected[i]
-        if e >= 5:
-            obs_cells.append(o), exp_cells.append(e)
-            o, e = 0.0, 0.0
-    exp_cells[-1] += e
-    obs_cells[-1] += o
-    obs_cells, exp_cells = np.array(obs_cells), np.array(exp_cells)
-    return float(((obs_cells - exp_cells) ** 2 / exp_cells).sum()), len(obs_cells) - 1
 
 
 @pytest.mark.engine

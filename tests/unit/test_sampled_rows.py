@@ -21,6 +21,7 @@ from cache_schema.synthetic import example_root_meta
 from common.errors import UserError
 from stage1_teacher.hf_backend import resolve_tail_draws
 from stage1_teacher.sampling import TAIL_DRAW, draws_from_topk, sample_uniforms
+from tests.stats import chi_square
 
 VOCAB = 1000
 N = 16
@@ -115,20 +116,7 @@ def test_hf_tail_resolution_is_exact():
     np.testing.assert_array_equal(got[first != TAIL_DRAW], first[first != TAIL_DRAW])
     assert not np.isin(got[first == TAIL_DRAW], top_ids[0]).any()
     p = torch.softmax(logits[0].double(), dim=-1).numpy()
-    observed = np.bincount(got.ravel(), minlength=vocab)
-    expected = p * rows * n
-    order = np.argsort(expected)  # pool the smallest cells until each holds >= 5 expected
-    obs_cells, exp_cells, o, e = [], [], 0.0, 0.0
-    for i in order:
-        o, e = o + observed[i], e + expected[i]
-        if e >= 5:
-            obs_cells.append(o), exp_cells.append(e)
-            o, e = 0.0, 0.0
-    exp_cells[-1] += e
-    obs_cells[-1] += o
-    obs_cells, exp_cells = np.array(obs_cells), np.array(exp_cells)
-    chi2 = ((obs_cells - exp_cells) ** 2 / exp_cells).sum()
-    dof = len(obs_cells) - 1
+    chi2, dof = chi_square(got, p)  # draws of one distribution: every row has the same logits
     # The 99.9% quantile of chi-square is below dof + 4.5 sqrt(2 dof) + 10 for these dof (Wilson-Hilferty).
     assert chi2 < dof + 4.5 * np.sqrt(2 * dof) + 10, (chi2, dof)
 
