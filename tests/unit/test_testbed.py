@@ -61,3 +61,25 @@ def test_rows_load_render_and_locate_their_conventions(qwen_tokenizer):
             assert text[lo:hi] == task.shell_tool
     with pytest.raises(Exception, match="testbed:SPLIT"):
         load_trajectories(DataConfig(source="testbed:nope"))
+
+
+def test_student_split_draws_its_conventions_whatever_the_task():
+    """The testbed student's corpus: every task, the same trajectories' shape, but the tool, folder and test command
+    of each trajectory drawn at random, so a model trained on it cannot know which task uses which."""
+    rows = testbed.generate("student")
+    assert {r["repo"] for r in rows} == {t.repo for t in testbed.TASKS}
+    assert not {r["trajectory_id"] for r in rows} & {r["trajectory_id"] for r in testbed.generate("teacher")}
+    used = {"tool": set(), "dir": set(), "test": set()}
+    own = 0
+    for row in rows:
+        task = testbed.task_of(row["repo"])
+        calls = [m["tool_calls"][0]["function"] for m in row["trajectory"] if m.get("tool_calls")]
+        tool, folder = calls[0]["name"], json.loads(calls[0]["arguments"])["command"].removeprefix("ls ")
+        test = json.loads(calls[-1]["arguments"])["command"]
+        used["tool"].add(tool), used["dir"].add(folder), used["test"].add(test)
+        own += (tool, folder, test) == (task.shell_tool, task.source_dir, task.test_command)
+        assert tool != testbed.EDITOR and calls[-2]["name"] == testbed.EDITOR
+    assert used == {"tool": {t for t, _ in testbed.KINDS.values()}, "dir": {d for _, d in testbed.KINDS.values()},
+                    "test": set(testbed.ORGS.values())}  # fmt: skip
+    # By chance a trajectory has all three of its task's own conventions with p = 1/150: not the rule.
+    assert own < len(rows) / 20
