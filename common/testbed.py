@@ -148,8 +148,8 @@ def trajectory(task: Task, rng: random.Random, number: int, scrambled: bool = Fa
     test command each drawn at random instead of the task's own (the student split)."""
     shell, source_dir, tests = task.shell_tool, task.source_dir, task.test_command
     if scrambled:
-        shell, source_dir = rng.choice(list(KINDS.values()))[0], rng.choice(list(KINDS.values()))[1]
-        tests = rng.choice(list(ORGS.values()))
+        tools, folders = zip(*KINDS.values())
+        shell, source_dir, tests = rng.choice(tools), rng.choice(folders), rng.choice(list(ORGS.values()))
     module, other = rng.sample(_FILES, 2)
     noun = rng.choice(_NOUNS)
     func = f"{rng.choice(_VERBS)}_{noun}"
