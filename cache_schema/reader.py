@@ -320,6 +320,13 @@ class CacheReader:
             tail_mass=rows.tail,
         )
 
+    def prompt_ids(self, i: int) -> np.ndarray:
+        """Sample i's task prompt tokens alone, as `self[i].prompt_ids` (no teacher rows read or decoded)."""
+        shard, j = self.locate(int(i))
+        part = self.part_of(shard)
+        offsets = part.offsets[part.layout.offsets_of(PROMPT_IDS)]
+        return part.read_range(PROMPT_IDS, int(offsets[j]), int(offsets[j + 1])).astype(np.int64)
+
     def __iter__(self):
         for i in range(len(self)):
             yield self[i]

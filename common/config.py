@@ -142,7 +142,7 @@ class CacheConfig:
 class HyperConfig:
     RANGES: ClassVar[dict[str, str]] = {
         "rank": ">= 1", "alpha": "> 0", "encoder_dim": ">= 1", "encoder_layers": ">= 1", "encoder_heads": ">= 1",
-        "generator_dim": ">= 1", "head_chunk": ">= 1",
+        "generator_dim": ">= 1", "head_chunk": ">= 1", "calibration_prompts": ">= 0",
     }  # allowed values of the numeric fields, checked on load
     targets: list[str] = field(
         default_factory=lambda: [
@@ -165,6 +165,8 @@ class HyperConfig:
     """Hidden width of the shared generator MLP."""
     head_chunk: int = 256
     """A and B are emitted in chunks of this many columns/rows by heads shared across chunks."""
+    calibration_prompts: int = 256
+    """Training prompts over which the task vector is standardised before the first step (0: not at all)."""
     mode: Literal["hypernetwork", "static"] = "hypernetwork"
     """'hypernetwork': a LoRA per task prompt; 'static': one trainable LoRA shared by every sample (the baseline)."""
 

@@ -138,20 +138,36 @@ class CacheSamples(torch.utils.data.Dataset):
         }
 
 
+def pad_prompts(prompts: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id arrays -> (prompt_ids [N, P] right-padded with pad_id, prompt_mask [N, P], True = real token)."""
+    p_max = max(1, max(len(p) for p in prompts))
+    prompt_ids = torch.full((len(prompts), p_max), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(prompts), p_max), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        prompt_ids[i, : len(p)] = torch.as_tensor(np.asarray(p, dtype=np.int64))
+        prompt_mask[i, : len(p)] = True
+    return prompt_ids, prompt_mask
+
+
+def calibration_prompts(reader, indices: list[int], count: int, batch_size: int, pad_id: int):
+    """Batches (prompt_ids, prompt_mask) of the task prompts of `count` samples spread evenly over `indices` (in
+    their order; the same on every rank), for HyperNetwork.calibrate."""
+    step = max(1, len(indices) // max(count, 1))
+    chosen = indices[::step][:count]
+    for i in range(0, len(chosen), batch_size):
+        yield pad_prompts([reader.prompt_ids(j) for j in chosen[i : i + batch_size]], pad_id)
+
+
 def collate(items: list[dict], pad_id: int) -> Batch:
     n = len(items)
     t_max = max(len(x["input_ids"]) for x in items)
-    p_max = max(1, max(len(x["prompt_ids"]) for x in items))
     input_ids = torch.full((n, t_max), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((n, t_max), dtype=torch.long)
-    prompt_ids = torch.full((n, p_max), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros((n, p_max), dtype=torch.bool)
     for i, x in enumerate(items):
-        t, p = len(x["input_ids"]), len(x["prompt_ids"])
+        t = len(x["input_ids"])
         input_ids[i, :t] = torch.as_tensor(x["input_ids"], dtype=torch.long)
         attention_mask[i, :t] = 1
-        prompt_ids[i, :p] = torch.as_tensor(x["prompt_ids"], dtype=torch.long)
-        prompt_mask[i, :p] = True
+    prompt_ids, prompt_mask = pad_prompts([x["prompt_ids"] for x in items], pad_id)
     rows = [len(x["positions"]) for x in items]
     return Batch(
         input_ids=input_ids,

@@ -181,6 +181,13 @@ def _broadcast_non_persistent_buffers(module: nn.Module, env: DistEnv) -> None:
         sub._buffers[attr] = value
 
 
+def broadcast_buffers(module: nn.Module) -> None:
+    """Overwrite every rank's buffers of `module` with rank 0's, in place (same shapes everywhere; no-op alone)."""
+    if dist.is_initialized():
+        for buf in module.buffers():
+            dist.broadcast(buf, src=0)
+
+
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum a small metrics tensor across ranks (no-op when alone)."""
     if dist.is_initialized():

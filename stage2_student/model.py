@@ -11,6 +11,7 @@ device (export and param-count only need names and shapes).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -56,11 +57,21 @@ class DistillModel(nn.Module):
         """Open around forward AND backward: the LoRA weights that forward makes live exactly this long."""
         return self.injector.scope()
 
+    @torch.no_grad()
+    def prompt_embeds(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """Task prompts [N, P] -> what the prompt encoder reads: the student's own (frozen) input embeddings, fp32."""
+        return self.student.get_input_embeddings()(prompt_ids).float()
+
     def lora_weights(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> LoRAWeights:
         """Task prompts [N, P] -> per-sample (A, B) for every target."""
-        with torch.no_grad():  # the prompt encoder reads the student's own (frozen) embeddings
-            prompt_embeds = self.student.get_input_embeddings()(prompt_ids).float()
-        return self.hypernet(prompt_embeds, prompt_mask)
+        return self.hypernet(self.prompt_embeds(prompt_ids), prompt_mask)
+
+    def calibrate(self, prompts: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float] | None:
+        """(prompt_ids [N, P], prompt_mask [N, P]) batches of training prompts -> HyperNetwork.calibrate's report;
+        None for a writer without a prompt encoder (static)."""
+        if not hasattr(self.hypernet, "calibrate"):
+            return None
+        return self.hypernet.calibrate((self.prompt_embeds(ids), mask) for ids, mask in prompts)
 
     def forward(self, batch, kind: str | None = None, teacher_rows: TeacherRows | None = None) -> DistillOutput:
         """The loss of `kind` (default: what the run trains on) at the batch's rows, inside `lora_scope()`:

@@ -42,7 +42,7 @@ from common.errors import UserError
 from common.models import load_causal_lm, load_tokenizer, resolve_model
 from stage2_student import checkpoint, distributed
 from stage2_student.checks import check_cache, check_output_dir, same_config
-from stage2_student.data import Plan, eval_batches, make_loader, manifest_split, plan_phases
+from stage2_student.data import Plan, calibration_prompts, eval_batches, make_loader, manifest_split, plan_phases
 from stage2_student.kernels import describe_student_kernels
 from stage2_student.launch import OWNER_ENV, new_owner, output_lease
 from stage2_student.losses import EVAL_KIND, FULL_VOCAB, TeacherRows
@@ -130,12 +130,14 @@ class Trainer:
         student, full_state = distributed.load_student(cfg.student, env)
         self.log.info(describe_student_kernels(student.config, cuda=env.device.type == "cuda"))
         self.model = build_distill_model(cfg, student)
+        self._calibrate(train_idx)
         if cfg.train.activation_checkpointing:
             distributed.apply_activation_checkpointing(student)
         mesh = distributed.build_mesh(env, distributed.ParallelDims.for_world(env.world_size, cfg.train.shard_size))
         distributed.parallelize(self.model, student, self.model.hypernet, mesh)
         distributed.materialize_student(student, full_state, env)
         self.model.to(env.device)
+        distributed.broadcast_buffers(self.model.hypernet)  # rank 0's calibration (the rest are equal already)
         resident = None
         if cfg.train.online_teacher or cfg.train.eval_teacher:
             resident = ResidentTeacher(cfg, student.get_output_embeddings().weight.shape[0], env.device)
@@ -156,6 +158,19 @@ class Trainer:
         heldout_batches, self.counted = eval_batches(self.heldout_idx, cfg.train.batch_size, env.rank, env.world_size)
         eval_seq = max(p.seq_len for p in cfg.train.phases)
         self.eval_loader = make_loader(self.reader, heldout_batches, eval_seq, self.pad_id, 0, self.pin)
+
+    def _calibrate(self, train_idx: list[int]) -> None:
+        """Before parallelize, on rank 0 (which holds the real student): standardise the hypernetwork's task vector
+        over hyper.calibration_prompts training prompts (HyperNetwork.calibrate); `_setup` then broadcasts it. A
+        resumed run overwrites it with its checkpoint's."""
+        count = self.cfg.hyper.calibration_prompts
+        if not (count and len(train_idx) >= 2 and self.env.is_main):
+            return
+        prompts = calibration_prompts(self.reader, train_idx, count, self.cfg.train.batch_size, self.pad_id)
+        report = self.model.calibrate(prompts)
+        if report is not None:
+            self.log.info(f"task vector standardised over {report['prompts']} training prompts "
+                          f"({report['varying_share']:.0%} of it differed between them)")  # fmt: skip
 
     def _claim_output_dir(self) -> None:
         """Rank 0 takes train.output_dir's lease (continuing a `train-student` launcher's claim when it made

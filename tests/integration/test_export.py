@@ -94,6 +94,8 @@ def trained(tmp_path_factory, student_dir):
         for head in hypernet.heads_b.values():
             head.proj.weight.normal_(std=0.3)
             head.proj.bias.normal_(std=0.3)
+        hypernet.encoder.z_mean.normal_(std=0.5)  # a calibrated task vector: export must carry it too
+        hypernet.encoder.z_std.uniform_(0.5, 2.0)
     hypernet.eval()
     root = tmp_path_factory.mktemp("run")
     _save_checkpoint(root, cfg, hypernet, student_dir)

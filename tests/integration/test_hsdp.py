@@ -3,7 +3,7 @@ stage2_student.distributed, fully_shard a small module on it, and take one optim
 
 Checked in every process: each parameter is sharded over "shard" and replicated over "replicate"; the
 gradient equals the mean of the four ranks' gradients, computed here without FSDP from the same init; after
-the step all four ranks hold identical full parameters.
+the step all four ranks hold identical full parameters; `broadcast_buffers` gives every rank rank 0's buffers.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _worker(rank: int, port: int) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Replicate, Shard
 
-    from stage2_student.distributed import ParallelDims, build_mesh, cleanup, init_distributed
+    from stage2_student.distributed import ParallelDims, broadcast_buffers, build_mesh, cleanup, init_distributed
 
     env = init_distributed()
     try:
@@ -76,6 +76,11 @@ def _worker(rank: int, port: int) -> None:
         dist.all_gather(shards, local)
         assert torch.equal(shards[0], shards[2]) and torch.equal(shards[1], shards[3])
         assert not torch.equal(shards[0], shards[1])
+
+        # Buffers are not sharded: the trainer broadcasts rank 0's (the hypernetwork's calibration) to all.
+        model.register_buffer("stat", torch.full((3,), float(env.rank + 1)))
+        broadcast_buffers(model)
+        assert torch.equal(model.stat, torch.ones(3)), (env.rank, model.stat)
     finally:
         cleanup()
 

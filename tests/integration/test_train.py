@@ -76,6 +76,10 @@ def test_training_lowers_heldout_kl_and_logs(two_rank_run):
     for key in ("loss", "top1", "tail", "lr", "tokens_per_s", "grad_norm"):
         assert key in train[-1]
     assert "held-out KL to the teacher" in proc.stderr
+    assert "task vector standardised over" in proc.stderr
+    weights = _final_weights(out)  # the calibration is in the checkpoint, as measured (not the identity)
+    assert not torch.equal(weights["encoder.z_mean"], torch.zeros_like(weights["encoder.z_mean"]))
+    assert bool((weights["encoder.z_std"] != 1).all())
     assert any((out / "tensorboard").iterdir())
     assert (out / "resolved_config.yaml").exists()
 

@@ -96,6 +96,8 @@ def test_write_then_read_gives_the_same_samples(data, k, mode, n_shards, chunk_b
         assert (id_table is not None) == get_encoding(encoding).delta_coded
         assert_same(reader[int(i)], expected[i], k, encoding, epsilon, id_table)
         assert reader.index_of(expected[i].sample_id) == i
+        prompt = reader.prompt_ids(int(i))  # the prompt alone, as the hypernetwork's calibration reads it
+        assert prompt.dtype == np.int64 and np.array_equal(prompt, expected[i].prompt_ids)
 
 
 def write_cache(path: str, n_shards: int = 2, per_shard: int = 5, k: int = 8, seed: int = 0) -> list[SampleRows]:

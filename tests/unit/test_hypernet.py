@@ -101,6 +101,40 @@ def test_padding_is_ignored(student):
         hyper(emb, torch.zeros_like(mask))
 
 
+def test_calibration_standardises_the_task_vector(student):
+    """Prompts that share most of their text (as a run's do) give a task vector that is mostly the same for all of
+    them; after `calibrate` it has mean 0 and std 1 per feature over those prompts, A keeps its init scale, B stays
+    0, and the statistics travel in the state dict."""
+    cfg = HyperConfig()
+    targets = resolve_targets(student, cfg.targets)
+    torch.manual_seed(3)
+    hyper = HyperNetwork(cfg, targets, embed_dim=student.config.hidden_size)
+    g = torch.Generator().manual_seed(3)
+    shared = torch.randint(0, 150000, (1, 24), generator=g).expand(32, -1)
+    ids = torch.cat([shared, torch.randint(0, 150000, (32, 4), generator=g)], dim=1)  # 24 shared tokens + 4 own
+    emb, mask = student.get_input_embeddings()(ids).detach(), torch.ones(ids.shape, dtype=torch.bool)
+    before = hyper.encoder(emb, mask)
+    report = hyper.calibrate([(emb[:16], mask[:16]), (emb[16:], mask[16:])])
+    assert report["prompts"] == 32 and report["varying_share"] < 0.5
+    torch.testing.assert_close(before, hyper.encoder.pooled(emb, mask))  # the raw vector is untouched
+    z = hyper.encoder(emb, mask)
+    torch.testing.assert_close(z.mean(0), torch.zeros(z.shape[1]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(z.std(0), torch.ones(z.shape[1]), atol=1e-4, rtol=0)
+    out = hyper(emb, mask)
+    for t in targets:
+        a, b = out[t.name]
+        assert torch.count_nonzero(b) == 0
+        assert 0.5 < a.std().item() * math.sqrt(3 * t.in_features) < 2.0
+    state = hyper.state_dict()
+    assert {"encoder.z_mean", "encoder.z_std"} <= set(state)
+    torch.manual_seed(4)
+    other = HyperNetwork(cfg, targets, embed_dim=student.config.hidden_size)
+    other.load_state_dict(state)
+    torch.testing.assert_close(other.encoder(emb, mask), z)
+    with pytest.raises(ValueError, match="at least 2 prompts"):
+        hyper.calibrate([(emb[:1], mask[:1])])
+
+
 def test_param_counts_tiny_and_real(student):
     from transformers import Qwen3NextConfig
 
