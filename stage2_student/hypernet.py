@@ -38,7 +38,9 @@ normalisation, Salimans & Kingma 2016):
     kind embeddings carry it. So the trainer measures the pooled vector's mean and std per feature over training
     prompts and fixes z = (pooled - mean) / std: what differs between prompts is then the whole of z, and 37 % of
     the heads' features (testbed, at initialisation; benchmarks/hyper.py). The two statistics are buffers:
-    checkpoints, resume and export-lora carry them; an uncalibrated hypernetwork uses 0 and 1.
+    checkpoints, resume and export-lora carry them; an uncalibrated hypernetwork uses 0 and 1. This removes one
+    obstacle, not all: 400 steps on the testbed still ended with LoRAs that hardly differ between tasks
+    (BENCHMARKS.md, "Does the hypernetwork earn its keep?").
 
 Learning rate of the head projections (`optimizer_groups`): lr / G, all else at lr.
     Adam moves every weight by about lr per step whatever its gradient's scale. An emitted entry is
