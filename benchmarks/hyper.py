@@ -271,6 +271,8 @@ def delta_spread(model, sets: dict[str, HeldoutSet]) -> dict[str, float]:
     prompts of every task (two trajectories' first user messages: the same repository, different issues);
     between = RMS over tasks of ||mean of the task's deltas - mean over all||, within = RMS over tasks of
     ||delta(prompt 1) - delta(prompt 2)|| / sqrt(2), both relative to ||mean over all||; means over targets."""
+    from stage2_student.data import pad_prompts
+
     prompts = []
     for hs in sets.values():
         for repo, idx in hs.train.items():
@@ -278,11 +280,7 @@ def delta_spread(model, sets: dict[str, HeldoutSet]) -> dict[str, float]:
             if len(both) == 2:
                 prompts += [torch.as_tensor(hs.reader[i].prompt_ids, dtype=torch.long) for i in both]
     n = len(prompts) // 2
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p)], mask[i, : len(p)] = p, True
+    ids, mask = pad_prompts(prompts, pad_id=0)
     model.eval()
     lora = model.lora_weights(ids, mask)
     model.train()
