@@ -2,7 +2,8 @@
 task-family testbed (common/testbed.py), at equal optimizer steps.
 
     python -m benchmarks.hyper [--quick] [--steps N] [--seeds 0 1 2] [--oracle-seen N] [--oracle-unseen N]
-                               [--lr-static LR] [--lr-hypernetwork LR] [--workdir runs/bench-hyper] [--json out.json]
+                               [--lr-static LR] [--lr-hypernetwork LR] [--threads N] [--workdir runs/bench-hyper]
+                               [--json out.json] [--table out.json]
 
 1. Data, built once under the workdir and reused: the testbed teacher (common.tiny_models, on first use), then
    prepare-data + stage 1 with the reference `hf` backend for two sources of configs/testbed.yaml:
@@ -28,7 +29,9 @@ task-family testbed (common/testbed.py), at equal optimizer steps.
    (`delta_spread`).
 
 The student is configs/testbed.yaml's `tiny-student-testbed`: it writes the testbed's format and is at chance on
-the conventions (common.testbed), so the KL left to distil sits mostly at the convention rows.
+the conventions (common.testbed), so the KL left to distil sits mostly at the convention rows. The hypernetwork
+reads configs/testbed.yaml's `data.prompt: repository` ("Repository: ORG/KIND-WORD"): the two prompts of a task
+in `delta_spread` are then the same, and its within-task spread is 0.
 
 Prints a markdown table (per method: KL per held-out set, the share of the oracle's KL reduction
 (base - method) / (base - oracle) on the oracle tasks of each set, the same two at the convention rows, convention
@@ -83,9 +86,10 @@ class Settings:
         return dict(self.lr).get(mode)
 
 
-# About an hour of runs on 2 idle cores, and ~40 minutes more from a fresh clone, where the two testbed models and
-# both caches are built first (BENCHMARKS.md).
-FULL = Settings(steps=100, batch_size=2, seeds=(0, 1, 2), oracle_seen=2, oracle_unseen=2, threads=2)
+# 8 runs of 200 steps: about 75 minutes on 2 idle cores (or two benches side by side, --threads 1, one with the
+# oracles: 55 minutes), and ~40 minutes more from a fresh clone, where the two testbed models and both caches are
+# built first (BENCHMARKS.md).
+FULL = Settings(steps=200, batch_size=2, seeds=(0, 1, 2), oracle_seen=1, oracle_unseen=1, threads=2)
 QUICK = Settings(steps=2, batch_size=2, seeds=(0,), oracle_seen=1, oracle_unseen=1, threads=2)
 
 
@@ -268,7 +272,8 @@ def evaluate_tasks(model, prepared: dict[str, list[EvalBatch]]) -> dict[str, dic
 @torch.no_grad()
 def delta_spread(model, sets: dict[str, HeldoutSet]) -> dict[str, float]:
     """How much the hypernetwork's LoRA depends on the task: per target, the generated deltas s * B A for two
-    prompts of every task (two trajectories' first user messages: the same repository, different issues);
+    prompts of every task (two trajectories' task prompts: the same repository, different issues, when the prompt
+    holds the issue);
     between = RMS over tasks of ||mean of the task's deltas - mean over all||, within = RMS over tasks of
     ||delta(prompt 1) - delta(prompt 2)|| / sqrt(2), both relative to ||mean over all||; means over targets."""
     from stage2_student.data import pad_prompts
@@ -484,6 +489,23 @@ def summary(r: dict) -> dict:
     return out
 
 
+def merge(results: list[dict]) -> dict:
+    """Several benches' JSON (e.g. two run side by side with --threads 1, one per seed or the oracles) as one: their
+    runs by seed, their oracles together; the rest (base, held-out sets, settings) of the first."""
+    out = {**results[0], "runs": {}, "oracle": {name: {} for name in SETS}, "oracle_tasks": {name: [] for name in SETS}}
+    for r in results:
+        for mode, runs in r["runs"].items():
+            out["runs"].setdefault(mode, []).extend(runs)
+        for name in SETS:
+            out["oracle"][name].update(r["oracle"][name])
+            out["oracle_tasks"][name] += [t for t in r["oracle_tasks"][name] if t not in out["oracle_tasks"][name]]
+    for runs in out["runs"].values():
+        runs.sort(key=lambda x: x["seed"])
+    out["data_s"] = max(r["data_s"] for r in results)
+    out["total_s"] = max((r["total_s"] for r in results if "total_s" in r), default=float("nan"))
+    return out
+
+
 def _share(base: dict, method: dict, oracle: dict, key: str) -> float:
     """(base - method) / (base - oracle) of figure `key`: the share of the oracle's reduction a method reaches."""
     return (base[key] - method[key]) / (base[key] - oracle[key])
@@ -551,20 +573,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--oracle-unseen", type=int, help="override the number of unseen tasks with an oracle")
     parser.add_argument("--lr-static", type=float, help="peak lr of static and the oracles (default: the config's)")
     parser.add_argument("--lr-hypernetwork", type=float, help="peak lr of the hypernetwork (default: the config's)")
+    parser.add_argument("--threads", type=int, help="torch threads (default 2; 1 when two benches share 2 cores)")
     parser.add_argument("--workdir", default=str(REPO / "runs" / "bench-hyper"), help="caches and runs go here")
     parser.add_argument("--json", dest="json_path", help="raw results (default: WORKDIR/hyper.json)")
-    parser.add_argument("--table", metavar="JSON", help="only print the table of a previous --json output")
+    parser.add_argument("--table", metavar="JSON", nargs="+",
+                        help="only print the table of previous --json outputs (several: benches of other seeds or "
+                             "oracles on the same workdir, merged)")
     args = parser.parse_args(argv)
     if args.table:
         import json
 
-        print(table_md(json.loads(Path(args.table).read_text())))
+        print(table_md(merge([json.loads(Path(p).read_text()) for p in args.table])))
         return 0
     s = QUICK if args.quick else FULL
     lrs = tuple((mode, lr) for mode, lr in (("static", args.lr_static), ("hypernetwork", args.lr_hypernetwork))
                 if lr is not None)  # fmt: skip
-    for field, value in (("steps", args.steps), ("seeds", tuple(args.seeds or ()) or None), ("lr", lrs or None),
-                         ("oracle_seen", args.oracle_seen), ("oracle_unseen", args.oracle_unseen)):  # fmt: skip
+    for field, value in (("steps", args.steps), ("threads", args.threads), ("seeds", tuple(args.seeds or ()) or None),
+                         ("lr", lrs or None), ("oracle_seen", args.oracle_seen),
+                         ("oracle_unseen", args.oracle_unseen)):  # fmt: skip
         if value is not None:
             s = dataclasses.replace(s, **{field: value})
     workdir = Path(args.workdir).resolve()

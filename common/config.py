@@ -46,8 +46,9 @@ class DataConfig:
     """What to do with a trajectory longer than max_tokens: drop it (counted) or cut it."""
     exclude_instances: list[str] = field(default_factory=list)
     """Instance ids (e.g. SWE-bench test instances) never to train on."""
-    prompt: Literal["first_user", "system_and_first_user"] = "first_user"
-    """Which text the hypernetwork reads as the task prompt."""
+    prompt: Literal["first_user", "system_and_first_user", "repository"] = "first_user"
+    """Which text the hypernetwork reads as the task prompt; `repository`: "Repository: owner/name" alone, from the
+    SWE-bench-style instance id (when the repository, not the issue, decides the behaviour to learn)."""
     max_prompt_tokens: int = 512
     """Task prompts are cut to this many tokens."""
     num_shards: int = 4

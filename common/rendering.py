@@ -16,7 +16,7 @@ import numpy as np
 
 from common.config import DataConfig
 from common.errors import UserError
-from common.trajectories import Trajectory
+from common.trajectories import Trajectory, repository_of
 
 END_OF_TURN = "<|im_end|>"
 
@@ -108,7 +108,17 @@ def tokenize_with_mask(
 
 
 def task_prompt(traj: Trajectory, data_cfg: DataConfig) -> str:
-    """The text the hypernetwork reads: the first user message, optionally after the system turn."""
+    """The text the hypernetwork reads (data.prompt): the first user message, optionally after the system turn;
+    or `repository`: "Repository: owner/name" alone, from the instance id, for runs where the behaviour to learn
+    is the repository's and the issue text would only add noise to the task vector."""
+    if data_cfg.prompt == "repository":
+        repo = repository_of(traj.instance_id)
+        if repo is None:
+            raise SampleRejected(
+                traj.id, "no_repository",
+                f"data.prompt=repository: instance id {traj.instance_id!r} is not of the form owner__name-NUMBER",
+            )  # fmt: skip
+        return f"Repository: {repo}"
     user = next((m["content"] for m in traj.messages if m["role"] == "user"), None)
     if user is None:
         raise SampleRejected(traj.id, "no_user_message", "trajectory has no user message")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -52,6 +53,16 @@ class Trajectory:
     tools: list[dict]
     schema: str  # 'openai' | 'swe-agent' | 'swe-agent-traj'
     location: str  # 'file:line' or 'hf://owner/name[row]', for messages that point at the row
+
+
+_SWE_INSTANCE = re.compile(r"^(?P<owner>.+?)__(?P<name>.+)-\d+$")
+
+
+def repository_of(instance_id: str) -> str | None:
+    """'owner/name' from a SWE-bench-style instance id 'owner__name-NUMBER' (SWE-bench's dataset card: "formatted
+    as repo_owner__repo_name-PR-number"; SWE-Gym and SWE-rebench ids have the same form), else None."""
+    m = _SWE_INSTANCE.match(instance_id)
+    return f"{m['owner']}/{m['name']}" if m else None
 
 
 @dataclass

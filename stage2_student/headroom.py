@@ -18,7 +18,6 @@ SWE-bench Verified, so on the real run this must be measured, not assumed).
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from tqdm import tqdm
 
 from common.config import RunConfig
 from common.errors import UserError
+from common.trajectories import repository_of
 
 SPLITS = ("all", "heldout", "train")
 GROUPINGS = ("instance", "repo", "sample")
@@ -35,13 +35,10 @@ DEFAULT_SAMPLES = 300
 DEFAULT_MATCH_KL = 0.05
 """nats per row: below this the base student already matches the teacher on that task."""
 
-_SWE_INSTANCE = re.compile(r"^(?P<owner>.+?)__(?P<repo>.+)-\d+$")
-
 
 def repo_of(instance_id: str) -> str:
     """'pallid__textkit-112' -> 'pallid/textkit' (SWE-bench's naming); other ids are their own repo."""
-    m = _SWE_INSTANCE.match(instance_id)
-    return f"{m['owner']}/{m['repo']}" if m else instance_id
+    return repository_of(instance_id) or instance_id
 
 
 @dataclass

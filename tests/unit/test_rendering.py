@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from common.config import DataConfig
 from common.errors import UserError
 from common.rendering import SampleRejected, render_trajectory, tokenize_with_mask
-from common.trajectories import Trajectory, load_trajectories
+from common.trajectories import Trajectory, load_trajectories, repository_of
 
 IM_START, IM_END = 151644, 151645
 
@@ -122,6 +124,18 @@ def test_task_prompt_variants(qwen_tokenizer):
     assert cut.prompt_ids.dtype == np.uint32
     plain_ids = qwen_tokenizer("You are terse.\n\nFix foo.", add_special_tokens=False)["input_ids"]
     assert cut.prompt_ids.tolist() == plain_ids[:3]
+
+
+def test_repository_prompt_names_the_instance_repository_alone(qwen_tokenizer):
+    t = dataclasses.replace(traj(MESSAGES), instance_id="scikit-learn__scikit-learn-13142")
+    repo = render_trajectory(t, qwen_tokenizer, DataConfig(prompt="repository"))
+    assert qwen_tokenizer.decode(repo.prompt_ids.tolist()) == "Repository: scikit-learn/scikit-learn"
+    assert repository_of("acme__cli-lark-2003") == "acme/cli-lark"
+    for bad in ("inst-1", "owner__name", "owner__name-x1", "__name-3", "owner__-3"):
+        assert repository_of(bad) is None, bad
+    with pytest.raises(SampleRejected, match="sample s1: data.prompt=repository: instance id 'inst-1'") as e:
+        render_trajectory(traj(MESSAGES), qwen_tokenizer, DataConfig(prompt="repository"))
+    assert e.value.reason == "no_repository"
 
 
 def test_samples_without_user_or_assistant_are_rejected(qwen_tokenizer):
