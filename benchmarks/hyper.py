@@ -462,7 +462,7 @@ def summary(r: dict) -> dict:
     base, oracle = r["base"], r["oracle"]
     out: dict[str, dict] = {"base": {}, "teacher": {}, "oracle": {}}
     for name in SETS:
-        tasks = r["oracle_tasks"][name]
+        tasks = [t for t in r["oracle_tasks"][name] if t in oracle[name]]  # a bench cut short: the oracles it ran
         b = aggregate(base[name])
         out["base"][name] = {"kl": [b["kl_full"]], "conv": [b["conventions"]], "kl_conv": [b.get("kl_conventions")]}
         out["teacher"][name] = {"conv": [aggregate(base[name], key="teacher_conventions")["conventions"]],
