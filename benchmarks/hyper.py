@@ -86,9 +86,9 @@ class Settings:
         return dict(self.lr).get(mode)
 
 
-# 8 runs of 200 steps: about 75 minutes on 2 idle cores (or two benches side by side, --threads 1, one with the
-# oracles: 55 minutes), and ~40 minutes more from a fresh clone, where the two testbed models and both caches are
-# built first (BENCHMARKS.md).
+# 8 runs of 200 steps: about 85 minutes on 2 idle cores (two benches of 4 runs side by side, --threads 1: 96 min),
+# and ~40 minutes more from a fresh clone, where the two testbed models and both caches are built first
+# (BENCHMARKS.md).
 FULL = Settings(steps=200, batch_size=2, seeds=(0, 1, 2), oracle_seen=1, oracle_unseen=1, threads=2)
 QUICK = Settings(steps=2, batch_size=2, seeds=(0,), oracle_seen=1, oracle_unseen=1, threads=2)
 
