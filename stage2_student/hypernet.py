@@ -42,7 +42,7 @@ normalisation, Salimans & Kingma 2016):
     obstacle, not all: with the whole first user message as its prompt, 400 steps on the testbed still ended with
     LoRAs that hardly differ between tasks, because z then differs as much between two issues of one task as
     between tasks. Reading the repository alone (`data.prompt: repository`), they came to differ between tasks (by
-    32 % of their norm after 200 steps in one seed of two, by 0.2 % in the other), and the hypernetwork beat
+    31-32 % of their norm after 200 steps in two seeds of three, by 0.2 % in the third), and the hypernetwork beat
     static on both held-out sets (BENCHMARKS.md, "Does the hypernetwork earn its keep?").
 
 Learning rate of the head projections (`optimizer_groups`): lr / G, all else at lr.
