@@ -168,6 +168,11 @@ class HyperConfig:
     """A and B are emitted in chunks of this many columns/rows by heads shared across chunks."""
     calibration_prompts: int = 256
     """Training prompts over which the task vector is standardised before the first step (0: not at all)."""
+    train_encoder: bool = False
+    """Train the prompt encoder with the rest of the hypernetwork. Off by default: the encoder stays as initialised
+    (a fixed random map of the prompt, standardised by the calibration) and only the generator, the layer and kind
+    embeddings and the heads train; a trained encoder learned to give every prompt the same task vector
+    (stage2_student/hypernet.py)."""
     mode: Literal["hypernetwork", "static"] = "hypernetwork"
     """'hypernetwork': a LoRA per task prompt; 'static': one trainable LoRA shared by every sample (the baseline)."""
 

@@ -3,7 +3,7 @@
     prompt token embeddings [N, P, E]  (the frozen student's own input embeddings, detached)
       -> LayerNorm -> Linear(E, D) + sinusoidal positions
       -> pre-norm TransformerEncoder (encoder_layers x encoder_heads)
-      -> attention pooling with one learned query -> [N, D]
+      -> attention pooling with one query -> [N, D]          (the encoder: frozen unless hyper.train_encoder)
       -> standardised per feature over training prompts (`calibrate`) -> task vector z [N, D]
     for each target t = (layer l, kind m):
       h_t = MLP(z + layer_emb[l] + kind_emb[m])                       [N, G]
@@ -38,12 +38,23 @@ normalisation, Salimans & Kingma 2016):
     kind embeddings carry it. So the trainer measures the pooled vector's mean and std per feature over training
     prompts and fixes z = (pooled - mean) / std: what differs between prompts is then the whole of z, and 37 % of
     the heads' features (testbed, at initialisation; benchmarks/hyper.py). The two statistics are buffers:
-    checkpoints, resume and export-lora carry them; an uncalibrated hypernetwork uses 0 and 1. This removes one
-    obstacle, not all: with the whole first user message as its prompt, 400 steps on the testbed still ended with
-    LoRAs that hardly differ between tasks, because z then differs as much between two issues of one task as
-    between tasks. Reading the repository alone (`data.prompt: repository`), they came to differ between tasks (by
-    31-32 % of their norm after 200 steps in two seeds of three, by 0.2 % in the third), and the hypernetwork beat
-    static on both held-out sets (BENCHMARKS.md, "Does the hypernetwork earn its keep?").
+    checkpoints, resume and export-lora carry them; an uncalibrated hypernetwork uses 0 and 1. With the whole
+    first user message as its prompt, z differs as much between two issues of one task as between tasks; the
+    testbed's hypernetwork reads the repository alone (`data.prompt: repository`).
+
+The encoder stays as initialised (`hyper.train_encoder`, off by default). Text-to-LoRA (Charakorn et al. 2025) also
+trains only what comes after a fixed encoder: it embeds the task description with a pretrained text encoder
+(gte-large-en-v1.5, or Mistral-7B-Instruct's activations). Here:
+    Early in training every task wants the same LoRA, the shared part; whatever part of the LoRA follows z is then
+    noise that raises the loss, and the loss's gradient into a trainable encoder removes it by giving every prompt
+    the same z. On the testbed (seed 2, 200 steps, lr 1e-3) a trained encoder did exactly that: across the 24 seen
+    tasks' prompts z's per-feature std fell from 1.02 to 0.11 while its mean grew from norm 0.44 to 63; the
+    generator's output then differed between tasks by 0.4 % of its RMS (56 % at step 0), the LoRAs by 0.2 %, and
+    the convention tokens stayed at chance. Frozen, the encoder is a fixed random map of the prompt's token
+    embeddings, standardised by `calibrate` (exact for the whole run, since the encoder no longer moves), and the
+    generator and heads learn the task lookup from it: the same run's LoRAs differed between tasks by 50 % and it
+    got 73 % of the seen tasks' convention tokens right (BENCHMARKS.md, "Does the hypernetwork earn its keep?").
+    A frozen encoder gets no gradient and no optimizer state; checkpoints and export-lora carry its weights.
 
 Learning rate of the head projections (`optimizer_groups`): lr / G, all else at lr.
     Adam moves every weight by about lr per step whatever its gradient's scale. An emitted entry is
@@ -169,6 +180,8 @@ class HyperNetwork(nn.Module):
         d, g, head_chunk = hyper_cfg.encoder_dim, hyper_cfg.generator_dim, hyper_cfg.head_chunk
 
         self.encoder = PromptEncoder(embed_dim, d, hyper_cfg.encoder_layers, hyper_cfg.encoder_heads)
+        if not hyper_cfg.train_encoder:
+            self.encoder.requires_grad_(False)  # no gradient, no optimizer state; checkpoints still carry it
 
         kinds = sorted({t.kind for t in targets})
         self.layer_emb = nn.Embedding(max(t.layer for t in targets) + 1, d)
@@ -212,7 +225,7 @@ class HyperNetwork(nn.Module):
         Call it after FSDP2 has wrapped the module (it reads the parameters the optimizer must hold)."""
         projections = [head.proj.weight for heads in (self.heads_a, self.heads_b) for head in heads.values()]
         chosen = {id(p) for p in projections}
-        rest = [p for p in self.parameters() if id(p) not in chosen]
+        rest = [p for p in self.parameters() if id(p) not in chosen and p.requires_grad]  # a frozen encoder: none
         return [{"params": rest, "lr_scale": 1.0}, {"params": projections, "lr_scale": 1.0 / self.generator_dim}]
 
     def forward(

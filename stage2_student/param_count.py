@@ -19,8 +19,8 @@ def _numel(module: torch.nn.Module) -> int:
 
 
 def count_hypernet_params(cfg: RunConfig, student_config) -> dict:
-    """Targets by kind, trainable parameters (the hypernetwork's per component, or the static LoRA's) and in
-    total, and the size of the LoRA written per sample, for the student described by `student_config`:
+    """Targets by kind, parameters (the hypernetwork's per component, or the static LoRA's), in total and
+    those that train (a frozen encoder does not: hyper.train_encoder), and the size of the LoRA written per sample, for the student described by `student_config`:
     the model `build_distill_model` builds for `cfg`, on the meta device."""
     from transformers import AutoModelForCausalLM
 
@@ -41,7 +41,8 @@ def count_hypernet_params(cfg: RunConfig, student_config) -> dict:
         "num_targets": len(targets),
         "targets_by_kind": dict(sorted(Counter(t.kind for t in targets).items())),
         "shapes": sorted({t.shape_key for t in targets}),
-        "params": {**components, "total": _numel(writer)},
+        "params": {**components, "total": _numel(writer),
+                   "trainable": sum(p.numel() for p in writer.parameters() if p.requires_grad)},
         "lora_params_per_sample": sum(cfg.hyper.rank * (t.in_features + t.out_features) for t in targets),
         "student_params": _numel(student),
     }

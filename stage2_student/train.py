@@ -144,7 +144,7 @@ class Trainer:
             self.log.info(f"resident teacher {cfg.teacher.model} (frozen, a whole copy per rank)")
         self.online = resident if cfg.train.online_teacher else None
         self.eval_teacher = resident if cfg.train.eval_teacher else None
-        self.params = list(self.model.hypernet.parameters())
+        self.params = [p for p in self.model.hypernet.parameters() if p.requires_grad]  # a frozen encoder is not
         self.optimizer = torch.optim.AdamW(self.model.hypernet.optimizer_groups(), lr=cfg.train.lr,
                                            weight_decay=cfg.train.weight_decay)
         n_params = sum(p.numel() for p in self.params)

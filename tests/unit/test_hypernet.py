@@ -152,7 +152,9 @@ def test_param_counts_tiny_and_real(student):
     dense_heads = cfg.generator_dim * cfg.rank * sum(i + o for i, o in shapes)
     heads = real["params"]["heads_a"] + real["params"]["heads_b"]
     assert heads < dense_heads / 10  # chunked heads are an order of magnitude below dense ones
-    assert real["params"]["total"] == sum(v for k, v in real["params"].items() if k != "total")
+    parts = {k: v for k, v in real["params"].items() if k not in ("total", "trainable")}
+    assert real["params"]["total"] == sum(parts.values())
+    assert real["params"]["trainable"] == real["params"]["total"] - parts["encoder"]  # frozen by default
     assert real["params"]["total"] < 20_000_000
     assert real["lora_params_per_sample"] == cfg.rank * (
         n_linear * (2048 + 12288 + 2048 + 64 + 4096 + 2048) + n_full * (2048 + 8192 + 2 * (2048 + 512) + 4096 + 2048)

@@ -66,10 +66,37 @@ def test_delta_step_does_not_grow_with_generator_width():
 
 
 def test_groups_cover_every_parameter_once():
-    hyper = HyperNetwork(HyperConfig(encoder_dim=32, encoder_layers=1, generator_dim=64), TARGETS, embed_dim=48)
+    cfg = HyperConfig(encoder_dim=32, encoder_layers=1, generator_dim=64, train_encoder=True)
+    hyper = HyperNetwork(cfg, TARGETS, embed_dim=48)
     groups = hyper.optimizer_groups()
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(hyper.parameters()))
     scaled = {id(p) for g in groups if g["lr_scale"] != 1.0 for p in g["params"]}
     heads = {id(h.proj.weight) for hs in (hyper.heads_a, hyper.heads_b) for h in hs.values()}
     assert scaled == heads and all(g["lr_scale"] == 1 / 64 for g in groups if g["lr_scale"] != 1.0)
+
+
+def test_a_frozen_encoder_stays_as_initialised_while_the_rest_trains():
+    """hyper.train_encoder false: the encoder is in no optimizer group and one step leaves it (and so the task
+    vector of a prompt) exactly as it was, while the generator and the heads move."""
+    torch.manual_seed(0)
+    cfg = HyperConfig(encoder_dim=32, encoder_layers=1, generator_dim=64, train_encoder=False)
+    hyper = HyperNetwork(cfg, TARGETS, embed_dim=48)
+    groups = hyper.optimizer_groups()
+    grouped = {id(p) for g in groups for p in g["params"]}
+    assert grouped == {id(p) for p in hyper.parameters() if p.requires_grad}
+    assert not grouped & {id(p) for p in hyper.encoder.parameters()}
+    embeds, mask = torch.randn(2, 5, 48), torch.ones(2, 5, dtype=torch.bool)
+    encoder0 = {k: v.clone() for k, v in hyper.encoder.state_dict().items()}
+    generator0 = [p.detach().clone() for p in hyper.generator.parameters()]
+    z0 = hyper.encoder(embeds, mask)
+    optimizer = torch.optim.AdamW(groups, lr=LR)
+    for _ in range(2):  # the second step: B != 0, so the gradient reaches the generator (and would the encoder)
+        loss = sum(a.sum() + b.pow(2).sum() + b.sum() for a, b in hyper(embeds, mask).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert all(p.grad is None for p in hyper.encoder.parameters())
+    assert all(torch.equal(v, encoder0[k]) for k, v in hyper.encoder.state_dict().items())
+    assert torch.equal(hyper.encoder(embeds, mask), z0)
+    assert any(not torch.equal(p, p0) for p, p0 in zip(hyper.generator.parameters(), generator0))
