@@ -16,9 +16,10 @@ task-family testbed (common/testbed.py), at equal optimizer steps.
    - static: `hyper.mode=static` on every training trajectory of the seen tasks, one run per seed;
    - hypernetwork: the same data, one run per seed;
    - oracle: per task, a static LoRA trained only on that task's own training trajectories (seed 0), evaluated
-     on that task's held-out trajectories only. A subset of the tasks (--oracle-seen, --oracle-unseen; the first
-     ones in the testbed's order with at least 2 held-out and 2 training trajectories): one run per task costs as
-     much as a static run.
+     on that task's held-out trajectories only, at step 0 and every `oracle_eval_every` (25) steps; its figures
+     are those of its best evaluation (`oracle_figures`: with 4-6 trajectories it can overfit within the
+     budget). A subset of the tasks (--oracle-seen, --oracle-unseen; the first ones in the testbed's order with
+     at least 2 held-out and 2 training trajectories): one run per task costs as much as a static run.
    The base student is the static run's model before its first step (B = 0: exactly the frozen student).
 3. The yardstick of benchmarks/teach.py: held-out forward KL(teacher || student) over the full vocabulary at
    every cached row (`distill_loss` of kind FULL_VOCAB, what Trainer.evaluate reports as kl_full with
@@ -89,10 +90,10 @@ class Settings:
         return dict(self.lr).get(mode)
 
 
-# 8 runs of 200 steps: about 85 minutes on 2 idle cores (two benches of 4 runs side by side, --threads 1: 96 min),
-# and ~40 minutes more from a fresh clone, where the two testbed models and both caches are built first
-# (BENCHMARKS.md).
-FULL = Settings(steps=200, batch_size=2, seeds=(0, 1, 2), oracle_seen=1, oracle_unseen=1, threads=2)
+# 9 runs of 200 steps (3 static, 3 hypernetwork, 3 oracles): 6.5-9 min each with two benches side by side on 2
+# cores (--threads 1), an oracle ~19 min beside another job (it evaluates every 25 steps), so about 1.2 hours; and
+# ~15 minutes more from a fresh clone, where the two testbed models and both caches are built first (BENCHMARKS.md).
+FULL = Settings(steps=200, batch_size=2, seeds=(0, 1, 2), oracle_seen=2, oracle_unseen=1, threads=2)
 QUICK = Settings(steps=2, batch_size=2, seeds=(0,), oracle_seen=1, oracle_unseen=1, threads=2, oracle_eval_every=1)
 
 

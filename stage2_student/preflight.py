@@ -105,16 +105,18 @@ def run_preflight(cfg: RunConfig, world_size: int = 8) -> list[Check]:
         with model.lora_scope():
             model(batch, kind=cfg.train.loss).loss.mean().backward()
         if step == 1:
-            missing = [n for n, p in model.hypernet.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
+            missing = [n for n, p in model.hypernet.named_parameters()
+                       if p.requires_grad and (p.grad is None or not torch.any(p.grad != 0))]  # fmt: skip
         opt.step()
-    leaked = [n for n, p in student.named_parameters() if p.grad is not None]
+    frozen = [(f"hypernet.{n}", p) for n, p in model.hypernet.named_parameters() if not p.requires_grad]
+    leaked = [n for n, p in [*student.named_parameters(), *frozen] if p.grad is not None]
     model.injector.remove()
     ok = not missing and not leaked
-    detail = "every hypernetwork parameter has a gradient; the student has none"
+    detail = "every trainable hypernetwork parameter has a gradient; the student (and a frozen encoder) has none"
     if missing:
-        detail = f"no gradient reaches {len(missing)} hypernetwork parameters, e.g. {missing[:3]}"
+        detail = f"no gradient reaches {len(missing)} trainable hypernetwork parameters, e.g. {missing[:3]}"
     if leaked:
-        detail = f"student parameters received gradients, e.g. {leaked[:3]}"
+        detail = f"frozen parameters received gradients, e.g. {leaked[:3]}"
     checks.append(Check("grad-flow", ok, detail))
 
     checks.append(_cache_check(cfg))

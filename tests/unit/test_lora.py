@@ -25,8 +25,9 @@ def _build_student(seed: int = 0):
     return AutoModelForCausalLM.from_config(student_config()).eval().requires_grad_(False)
 
 
-def _build_hyper(student, seed: int = 1):
-    cfg = HyperConfig()
+def _build_hyper(student, seed: int = 1, train_encoder: bool = True):
+    """The whole hypernetwork trainable by default: the gradient tests then cover the path into the encoder too."""
+    cfg = HyperConfig(train_encoder=train_encoder)
     torch.manual_seed(seed)
     return HyperNetwork(cfg, resolve_targets(student, cfg.targets), embed_dim=student.config.hidden_size)
 
@@ -142,9 +143,10 @@ def test_closing_the_context_before_backward_raises_under_checkpointing(student)
         student.eval()
 
 
-def test_gradients_reach_every_hypernet_parameter_and_no_student_parameter(student):
-    hyper = _build_hyper(student)
-    opt = torch.optim.Adam(hyper.parameters(), lr=1e-3)
+@pytest.mark.parametrize("train_encoder", [True, False])
+def test_gradients_reach_every_hypernet_parameter_and_no_student_parameter(student, train_encoder):
+    hyper = _build_hyper(student, train_encoder=train_encoder)
+    opt = torch.optim.Adam(hyper.optimizer_groups(), lr=1e-3)
 
     # Step 0: B == 0, so only the B projections get a gradient (dL/dA = B^T ... = 0).
     grads0 = _hyper_grads(student, hyper, checkpointing=True)
@@ -152,9 +154,10 @@ def test_gradients_reach_every_hypernet_parameter_and_no_student_parameter(stude
     assert nonzero0 == {k for k in grads0 if k.startswith("heads_b.") and ".proj." in k}
     opt.step()
 
-    # After one step B != 0 and every parameter of the hypernetwork learns.
+    # After one step B != 0 and every trainable parameter of the hypernetwork learns (a frozen encoder: no gradient).
     grads1 = _hyper_grads(student, hyper, checkpointing=True)
-    names = [k for k, _ in hyper.named_parameters()]
+    names = [k for k, p in hyper.named_parameters() if p.requires_grad]
+    assert train_encoder == any(k.startswith("encoder.") for k in names)
     assert set(grads1) == set(names)
     assert [k for k in names if not grads1[k].abs().max() > 0] == []
     assert all(p.grad is None and not p.requires_grad for p in student.parameters())
