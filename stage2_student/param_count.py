@@ -20,7 +20,8 @@ def _numel(module: torch.nn.Module) -> int:
 
 def count_hypernet_params(cfg: RunConfig, student_config) -> dict:
     """Targets by kind, parameters (the hypernetwork's per component, or the static LoRA's), in total and
-    those that train (a frozen encoder does not: hyper.train_encoder), and the size of the LoRA written per sample, for the student described by `student_config`:
+    those that train (a frozen encoder does not: hyper.train_encoder), and the size of the LoRA written per
+    sample, for the student described by `student_config`:
     the model `build_distill_model` builds for `cfg`, on the meta device."""
     from transformers import AutoModelForCausalLM
 

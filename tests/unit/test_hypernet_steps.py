@@ -77,8 +77,8 @@ def test_groups_cover_every_parameter_once():
 
 
 def test_a_frozen_encoder_stays_as_initialised_while_the_rest_trains():
-    """hyper.train_encoder false: the encoder is in no optimizer group and one step leaves it (and so the task
-    vector of a prompt) exactly as it was, while the generator and the heads move."""
+    """hyper.train_encoder false: the encoder is in no optimizer group, and two steps leave it (and so the task
+    vector of a prompt) exactly as it was while the generator moves."""
     torch.manual_seed(0)
     cfg = HyperConfig(encoder_dim=32, encoder_layers=1, generator_dim=64, train_encoder=False)
     hyper = HyperNetwork(cfg, TARGETS, embed_dim=48)
